@@ -1,0 +1,192 @@
+"""Dataset converters: find a download's scenes, then read each as (image, class mask).
+
+Each converter module (isaid, loveda, openearthmap, folder) exposes
+`find_scenes(source_dir, data_config) -> Inventory`: it only lists files, so a split can be
+assigned and a partial download reported before any pixel is read. `load_scene` below
+then reads one scene with the checks every dataset needs (sizes match, classes in range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+import tifffile
+from PIL import Image
+
+SPLITS = ("train", "val")
+TIFF_SUFFIXES = (".tif", ".tiff")
+
+# iSAID keeps DOTA's whole scenes, up to ~20000 x 20000 px (4e8 pixels). Pillow's default
+# bomb guard refuses anything over ~1.8e8, so raise the limit to just above the largest
+# real scene rather than disabling the guard altogether.
+Image.MAX_IMAGE_PIXELS = 5 * 10**8
+
+
+class SourceError(ValueError):
+  """A download that cannot be converted; the message names the file and the offending value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+  """One image/mask file pair of a download."""
+
+  split: str  # "train" or "val"
+  scene_id: str  # unique within the dataset; patch ids extend it
+  image_path: pathlib.Path
+  mask_path: pathlib.Path
+  mask_format: str  # "index": class numbers; "rgb": colours from data.palette
+
+
+@dataclasses.dataclass(frozen=True)
+class Inventory:
+  """The scenes found and, in words, what the expected layout lacked."""
+
+  scenes: tuple[Scene, ...]
+  missing: tuple[str, ...] = ()
+
+
+def require_dir(source_dir: pathlib.Path, layout: str) -> pathlib.Path:
+  source_dir = pathlib.Path(source_dir)
+  if not str(source_dir) or not source_dir.is_dir():
+    raise SourceError(f"config.data.source_dir={str(source_dir)!r} is not a directory; expected {layout}")
+  return source_dir
+
+
+def pair_by_stem(images: Sequence[pathlib.Path], masks: Sequence[pathlib.Path]):
+  """Match images to masks by file stem -> (pairs, unmatched image names, unmatched mask names)."""
+  masks_by_stem = {m.stem: m for m in masks}
+  images_by_stem = {i.stem: i for i in images}
+  pairs = [(images_by_stem[s], masks_by_stem[s]) for s in sorted(images_by_stem) if s in masks_by_stem]
+  lone_images = sorted(i.name for s, i in images_by_stem.items() if s not in masks_by_stem)
+  lone_masks = sorted(m.name for s, m in masks_by_stem.items() if s not in images_by_stem)
+  return pairs, lone_images, lone_masks
+
+
+def describe_names(names: Sequence[str], limit: int = 3) -> str:
+  """'a.png, b.png, c.png and 4 more': short enough for one log line."""
+  shown = ", ".join(names[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read_array(path: pathlib.Path) -> tuple[np.ndarray, str | None]:
+  """Pixels of a PNG/JPEG/TIFF as stored, plus the PIL mode (None for TIFF)."""
+  try:
+    if path.suffix.lower() in TIFF_SUFFIXES:
+      array = tifffile.imread(path)
+      # Band-sequential GeoTIFFs come back as [bands, H, W].
+      if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):
+        array = np.moveaxis(array, 0, -1)
+      return array, None
+    with Image.open(path) as image:
+      return np.asarray(image), image.mode
+  except (OSError, ValueError, Image.DecompressionBombError) as e:
+    raise SourceError(f"{path}: cannot read ({e})") from e
+
+
+def read_image(path: pathlib.Path) -> np.ndarray:
+  """uint8 [H, W, 3] RGB; grey or alpha images are brought to RGB, other depths refused."""
+  array, mode = _read_array(path)
+  if array.dtype != np.uint8:
+    raise SourceError(f"{path}: image has dtype {array.dtype} (PIL mode {mode}); expected 8-bit RGB")
+  if array.ndim == 2:
+    if mode == "P":  # palette image: the array holds indices, let PIL expand the colours
+      with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+    return np.repeat(array[:, :, None], 3, axis=2)
+  if array.ndim == 3 and array.shape[2] in (3, 4):
+    return np.ascontiguousarray(array[:, :, :3])  # drop alpha
+  raise SourceError(f"{path}: image has shape {array.shape}; expected H x W x 3")
+
+
+def read_index_mask(path: pathlib.Path) -> np.ndarray:
+  """Raw single-channel label values [H, W] (any unsigned int dtype)."""
+  array, mode = _read_array(path)
+  if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    raise SourceError(
+        f"{path}: index mask has shape {array.shape}, dtype {array.dtype} (PIL mode {mode}); expected "
+        "one integer channel (colour-coded masks need config.data.mask_format='rgb')")
+  return array
+
+
+def read_rgb_mask(path: pathlib.Path) -> np.ndarray:
+  """Colour-coded mask as uint8 [H, W, 3]."""
+  array, mode = _read_array(path)
+  if mode == "P":
+    with Image.open(path) as image:
+      array = np.asarray(image.convert("RGB"))
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4):
+    raise SourceError(f"{path}: RGB mask has shape {array.shape}, dtype {array.dtype}; expected H x W x 3 uint8")
+  return array[:, :, :3]
+
+
+def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
+  """uint8 when every class and the ignore index fit, else uint16 (the record format's two options)."""
+  return np.dtype(np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.uint16)
+
+
+def index_to_classes(raw: np.ndarray, *, label_offset: int, ignore_raw_values: Sequence[int],
+                     num_classes: int, ignore_index: int, path: pathlib.Path) -> np.ndarray:
+  """Raw labels -> classes: add label_offset; ignore_raw_values and ignore_index itself mean no-data."""
+  mapped = raw.astype(np.int64) + label_offset
+  no_data = np.isin(raw, np.asarray(ignore_raw_values, dtype=np.int64)) | (mapped == ignore_index)
+  bad = ~no_data & ((mapped < 0) | (mapped >= num_classes))
+  if bad.any():
+    values, counts = np.unique(raw[bad], return_counts=True)
+    listing = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist()))
+    raise SourceError(
+        f"{path}: raw mask values {listing} fall outside classes 0..{num_classes - 1} after "
+        f"label_offset={label_offset} and are not in ignore_raw_values={tuple(ignore_raw_values)}")
+  mapped[no_data] = ignore_index
+  return mapped.astype(mask_dtype(num_classes, ignore_index))
+
+
+def _rgb_keys(rgb: np.ndarray) -> np.ndarray:
+  rgb = rgb.astype(np.uint32)
+  return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def rgb_to_classes(rgb: np.ndarray, *, palette: Sequence[Sequence[int]], ignore_index: int,
+                   path: pathlib.Path) -> np.ndarray:
+  """Colour-coded mask -> class k where the pixel equals palette[k]; any other colour is an error."""
+  palette_keys = _rgb_keys(np.asarray(palette, dtype=np.uint8))
+  order = np.argsort(palette_keys)
+  sorted_keys = palette_keys[order]
+  classes = np.empty(rgb.shape[:2], dtype=mask_dtype(len(palette), ignore_index))
+  unknown = []
+  # Row blocks bound the uint32/int64 temporaries for huge iSAID scenes to ~4M pixels each.
+  rows = max(1, 4_000_000 // max(1, rgb.shape[1]))
+  for top in range(0, rgb.shape[0], rows):
+    keys = _rgb_keys(rgb[top:top + rows])
+    slot = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    known = sorted_keys[slot] == keys
+    if not known.all():
+      unknown.append(keys[~known])
+    classes[top:top + rows] = order[slot]
+  if unknown:
+    keys, counts = np.unique(np.concatenate(unknown), return_counts=True)
+    listing = ", ".join(f"({k >> 16}, {(k >> 8) & 255}, {k & 255}): {c} px"
+                        for k, c in zip(keys.tolist(), counts.tolist()))
+    raise SourceError(f"{path}: {len(keys)} colour(s) not in config.data.palette: {listing}")
+  return classes
+
+
+def load_scene(scene: Scene, data) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 image [H, W, 3], class mask [H, W]) of a scene; `data` is config.data."""
+  image = read_image(scene.image_path)
+  if scene.mask_format == "rgb":
+    raw = read_rgb_mask(scene.mask_path)
+  else:
+    raw = read_index_mask(scene.mask_path)
+  if image.shape[:2] != raw.shape[:2]:
+    raise SourceError(
+        f"size mismatch: image {scene.image_path} is {image.shape[1]}x{image.shape[0]} (WxH) but "
+        f"mask {scene.mask_path} is {raw.shape[1]}x{raw.shape[0]}")
+  if scene.mask_format == "rgb":
+    mask = rgb_to_classes(raw, palette=data.palette, ignore_index=data.ignore_index, path=scene.mask_path)
+  else:
+    mask = index_to_classes(raw, label_offset=data.label_offset, ignore_raw_values=data.ignore_raw_values,
+                            num_classes=data.num_classes, ignore_index=data.ignore_index, path=scene.mask_path)
+  return image, mask

@@ -1,0 +1,135 @@
+"""Reverse process: ancestral DDPM and DDIM samplers, each one `lax.scan` over timesteps.
+
+The samplers are pure functions of a denoiser `denoise_fn(x_t, t) -> output` (t: int32
+[B]); jit the whole call once and every step runs inside that one program:
+
+  @functools.partial(jax.jit, out_shardings=batch_sharding)
+  def generate(params, rng):
+    denoise = make_denoise_fn(model.apply, params)
+    return sample_ddim(denoise, sched, shape, rng, num_steps=50, sharding=batch_sharding)
+
+`sharding` (optional) pins the batch layout of x_t at every step, so a batch sharded
+over the mesh's data axis stays sharded through the loop. Noise for step t comes from
+fold_in(key, t), so DDIM with all T steps and eta=1 reproduces DDPM draw for draw.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from satsynth_jax.diffusion.schedule import (Schedule, check_prediction, posterior_mean_variance,
+                                             predict_eps_from_x0, predict_x0_from_eps)
+
+DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def make_denoise_fn(apply_fn: Callable[..., jax.Array], params: Any,
+                    cond: jax.Array | None = None) -> DenoiseFn:
+  """Close over params and conditioning: (x_t, t) -> apply_fn(params, x_t, t, train=False, ...).
+
+  `apply_fn` has the signature `diffusion_loss` documents (e.g. `UNet.apply`); `cond` is the
+  SR model's low-resolution pair, or None for the unconditional generator.
+  """
+  def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
+    return apply_fn(params, x, t, train=False, rngs=None, cond=cond)
+  return denoise
+
+
+def _constrain(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _predict_x0(sched: Schedule, out: jax.Array, xt: jax.Array, t: jax.Array, prediction: str,
+                clip_x0: bool) -> jax.Array:
+  x0 = predict_x0_from_eps(sched, xt, t, out) if prediction == "eps" else out
+  return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
+
+
+def sample_ddpm(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], rng: jax.Array, *,
+                prediction: str = "eps", clip_x0: bool = True,
+                sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+  """Ancestral sampling over all T steps with the "fixed small" posterior variance (Ho et al.).
+
+  Args:
+    denoise_fn: (x_t [B,...], t int32 [B]) -> eps or x0 prediction, same shape as x_t.
+    sched: the noise schedule the denoiser was trained with.
+    shape: output shape [B, ...].
+    rng: key for the initial noise and the per-step noise.
+    prediction: what denoise_fn predicts, "eps" or "x0".
+    clip_x0: clip the predicted x0 to [-1, 1] before each step (data range).
+    sharding: optional sharding of the batch, kept on x_t through the loop.
+
+  Returns:
+    Samples [B, ...] float32, clipped to [-1, 1].
+  """
+  check_prediction(prediction)
+  init_key, step_key = jax.random.split(rng)
+  x = _constrain(jax.random.normal(init_key, shape, jnp.float32), sharding)
+
+  def step(x, t):
+    tb = jnp.full((shape[0],), t, jnp.int32)
+    x0 = _predict_x0(sched, denoise_fn(x, tb), x, tb, prediction, clip_x0)
+    mean, _, log_variance = posterior_mean_variance(sched, x0, x, tb)
+    noise = jax.random.normal(jax.random.fold_in(step_key, t), shape, jnp.float32)
+    std = jnp.where(t > 0, jnp.exp(0.5 * log_variance), 0.0)  # the last step returns the mean
+    return _constrain(mean + std * noise, sharding), None
+
+  timesteps = jnp.arange(sched.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+  x, _ = jax.lax.scan(step, x, timesteps)
+  return jnp.clip(x, -1.0, 1.0)
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+  """Descending, evenly spaced timesteps for a num_steps DDIM run, starting at T-1.
+
+  "Trailing" spacing (Lin et al. 2024): T-1, T-1-T/n, ..., T/n-1, so the first step starts
+  from pure noise at t=T-1 as in training; with n=T it is every timestep.
+  """
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"DDIM num_steps must be in [1, {num_timesteps}] (the schedule's T), "
+                     f"got {num_steps}")
+  return (np.arange(num_steps, 0, -1) * num_timesteps) // num_steps - 1
+
+
+def sample_ddim(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], rng: jax.Array, *,
+                num_steps: int, eta: float = 0.0, prediction: str = "eps", clip_x0: bool = True,
+                sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+  """DDIM (Song et al. 2021) over `num_steps` of the T timesteps; eta=0 is deterministic.
+
+  Args:
+    denoise_fn, sched, shape, rng, prediction, clip_x0, sharding: as for `sample_ddpm`.
+    num_steps: number of denoiser calls, 1..T (timesteps from `ddim_timesteps`).
+    eta: noise scale; 0 gives the deterministic ODE-like sampler, 1 the DDPM posterior
+      variance (with num_steps=T it equals `sample_ddpm`).
+
+  Returns:
+    Samples [B, ...] float32, clipped to [-1, 1].
+  """
+  check_prediction(prediction)
+  if eta < 0:
+    raise ValueError(f"DDIM eta must be >= 0, got {eta}")
+  timesteps = ddim_timesteps(sched.num_timesteps, num_steps)
+  abar = sched.alphas_cumprod[timesteps]
+  abar_prev = jnp.append(abar[1:], 1.0)  # the last step lands on x0 (abar = 1)
+  init_key, step_key = jax.random.split(rng)
+  x = _constrain(jax.random.normal(init_key, shape, jnp.float32), sharding)
+
+  def step(x, xs):
+    t, a, a_prev = xs
+    tb = jnp.full((shape[0],), t, jnp.int32)
+    out = denoise_fn(x, tb)
+    x0 = _predict_x0(sched, out, x, tb, prediction, clip_x0)
+    # Re-derive eps from the (clipped) x0 so that x_t = sqrt(a) x0 + sqrt(1 - a) eps holds.
+    eps = out if prediction == "eps" and not clip_x0 else predict_eps_from_x0(sched, x, tb, x0)
+    sigma = eta * jnp.sqrt((1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))
+    direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0))
+    noise = jax.random.normal(jax.random.fold_in(step_key, t), shape, jnp.float32)
+    x = jnp.sqrt(a_prev) * x0 + direction * eps + sigma * noise
+    return _constrain(x, sharding), None
+
+  x, _ = jax.lax.scan(step, x, (jnp.asarray(timesteps, jnp.int32), abar, abar_prev))
+  return jnp.clip(x, -1.0, 1.0)

@@ -1,0 +1,136 @@
+"""DDPM forward process (Ho et al. 2020): noise schedule, its closed forms, training loss.
+
+The schedule is a pytree of float32 tables indexed by timestep; it can be passed into
+or closed over by jitted code. Lookups use plain integer indexing, which works with a
+batch-sharded `t` under a mesh with Auto axes (the mesh `parallel.py` builds).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+PREDICTIONS = ("eps", "x0")  # what the denoiser outputs: the noise (paper) or the clean sample
+
+
+def check_prediction(prediction: str) -> None:
+  if prediction not in PREDICTIONS:
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+@flax.struct.dataclass
+class Schedule:
+  """Per-timestep tables, each [T] float32 (computed in float64, then cast)."""
+
+  betas: jax.Array
+  alphas_cumprod: jax.Array
+  alphas_cumprod_prev: jax.Array  # abar_{t-1}, with abar_{-1} = 1
+  sqrt_alphas_cumprod: jax.Array
+  sqrt_one_minus_alphas_cumprod: jax.Array
+  sqrt_recip_alphas_cumprod: jax.Array
+  sqrt_recipm1_alphas_cumprod: jax.Array
+  posterior_variance: jax.Array  # beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+  posterior_log_variance_clipped: jax.Array  # log beta~_t with beta~_0 := beta~_1 (beta~_0 = 0)
+  posterior_mean_coef1: jax.Array  # weight of x0 in the posterior mean
+  posterior_mean_coef2: jax.Array  # weight of x_t in the posterior mean
+
+  @property
+  def num_timesteps(self) -> int:
+    return self.betas.shape[0]
+
+
+def linear_schedule(num_timesteps: int = 1000, beta_start: float = 1e-4,
+                    beta_end: float = 2e-2) -> Schedule:
+  """Linear betas from beta_start to beta_end over num_timesteps steps (the paper's schedule)."""
+  if num_timesteps < 2:
+    raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+  if not 0.0 < beta_start <= beta_end < 1.0:
+    raise ValueError(f"betas need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, "
+                     f"beta_end={beta_end}")
+  betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)
+  abar = np.cumprod(1.0 - betas)
+  abar_prev = np.append(1.0, abar[:-1])
+  posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
+  tables = dict(
+      betas=betas,
+      alphas_cumprod=abar,
+      alphas_cumprod_prev=abar_prev,
+      sqrt_alphas_cumprod=np.sqrt(abar),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+      sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+      sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+      posterior_variance=posterior_variance,
+      posterior_log_variance_clipped=np.log(np.append(posterior_variance[1], posterior_variance[1:])),
+      posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+      posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - betas) / (1.0 - abar),
+  )
+  return Schedule(**{k: jnp.asarray(v, dtype=jnp.float32) for k, v in tables.items()})
+
+
+def extract(table: jax.Array, t: jax.Array, ndim: int) -> jax.Array:
+  """table[t] for timesteps t [B], shaped [B, 1, ..., 1] to broadcast against a rank-`ndim` batch."""
+  return table[t].reshape(t.shape + (1,) * (ndim - t.ndim))
+
+
+def q_sample(sched: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+  """Sample x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I) with the given noise."""
+  return (extract(sched.sqrt_alphas_cumprod, t, x0.ndim) * x0
+          + extract(sched.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+
+def predict_x0_from_eps(sched: Schedule, xt: jax.Array, t: jax.Array, eps: jax.Array) -> jax.Array:
+  """Invert q_sample: x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+  return (extract(sched.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt
+          - extract(sched.sqrt_recipm1_alphas_cumprod, t, xt.ndim) * eps)
+
+
+def predict_eps_from_x0(sched: Schedule, xt: jax.Array, t: jax.Array, x0: jax.Array) -> jax.Array:
+  """Invert q_sample for the noise: eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)."""
+  return ((extract(sched.sqrt_recip_alphas_cumprod, t, xt.ndim) * xt - x0)
+          / extract(sched.sqrt_recipm1_alphas_cumprod, t, xt.ndim))
+
+
+def posterior_mean_variance(sched: Schedule, x0: jax.Array, xt: jax.Array,
+                            t: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q(x_{t-1} | x_t, x0): (mean [B,...], variance [B,1..], clipped log-variance [B,1..])."""
+  mean = (extract(sched.posterior_mean_coef1, t, xt.ndim) * x0
+          + extract(sched.posterior_mean_coef2, t, xt.ndim) * xt)
+  return (mean, extract(sched.posterior_variance, t, xt.ndim),
+          extract(sched.posterior_log_variance_clipped, t, xt.ndim))
+
+
+def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, sched: Schedule, x0: jax.Array,
+                   rng: jax.Array, *, prediction: str = "eps", train: bool = True,
+                   cond: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Simple DDPM objective: MSE between the denoiser's output and its target (mean over all dims).
+
+  Args:
+    apply_fn: `apply_fn(params, x_t, t, *, train, rngs, cond) -> prediction`, e.g. `UNet.apply`
+      with `params` the variables dict; `rngs` is {"dropout": key}, `t` is int32 [B].
+    params: the denoiser's variables.
+    sched: the noise schedule.
+    x0: clean batch [B, ...] in [-1, 1].
+    rng: key for timesteps, noise and dropout.
+    prediction: "eps" regresses the noise, "x0" the clean sample.
+    train: passed to apply_fn (enables dropout).
+    cond: optional conditioning passed to apply_fn (the SR model's low-resolution pair).
+
+  Returns:
+    (loss, aux): aux["loss_per_channel"] is the MSE per channel [C] (its mean is the loss),
+    so a caller can log the image and label channels of a joint sample separately.
+  """
+  check_prediction(prediction)
+  t_key, noise_key, dropout_key = jax.random.split(rng, 3)
+  t = jax.random.randint(t_key, (x0.shape[0],), 0, sched.num_timesteps, dtype=jnp.int32)
+  noise = jax.random.normal(noise_key, x0.shape, x0.dtype)
+  xt = q_sample(sched, x0, t, noise)
+  out = apply_fn(params, xt, t, train=train, rngs={"dropout": dropout_key}, cond=cond)
+  target = noise if prediction == "eps" else x0
+  loss_per_channel = jnp.mean(jnp.square(out.astype(jnp.float32) - target),
+                              axis=tuple(range(x0.ndim - 1)))
+  return jnp.mean(loss_per_channel), {"loss_per_channel": loss_per_channel}

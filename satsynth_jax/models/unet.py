@@ -1,0 +1,193 @@
+"""DDPM U-Net (Ho et al. 2020, appendix B) in Flax Linen, NHWC.
+
+The layout follows the paper's reference network: a sinusoidal timestep embedding and
+a 2-layer MLP; at each resolution `num_res_blocks` residual blocks (with single-head
+self-attention at `attn_resolutions`), a stride-2 conv between levels; a middle of
+res-attn-res; a mirrored decoder with one extra block per level that consumes every
+encoder activation as a skip connection; GroupNorm-SiLU-conv to the output.
+
+`dtype` is the compute dtype (float32 or bfloat16). Parameters stay float32, and
+GroupNorm statistics and the attention softmax run in float32 so bfloat16 compute
+does not lose precision where it matters.
+
+The super-resolution generator uses the same network with `cond` (the upsampled
+low-resolution pair) concatenated to the noisy input on the channel axis.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+NUM_GROUPS = 32  # GroupNorm groups, as in the reference network
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+# The reference initialises every conv/dense with fan-avg uniform variance scaling and
+# the last layer of each residual branch (and the output conv) at zero, so every block
+# starts as the identity and the untrained network predicts zero.
+_default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
+_zero_init = nn.initializers.zeros_init()
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Integer timesteps [B] -> sinusoidal features [B, dim] (float32), as in the reference."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  angles = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+def _group_norm(name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-6, dtype=jnp.float32, name=name)
+
+
+def _conv(features: int, dtype: Any, name: str, *, strides: int = 1, zero: bool = False) -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
+                 kernel_init=_zero_init if zero else _default_init, name=name)
+
+
+def _dense(features: int, dtype: Any, name: str, *, zero: bool = False) -> nn.Dense:
+  return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero else _default_init, name=name)
+
+
+class ResBlock(nn.Module):
+  """GN-SiLU-conv, + time projection, GN-SiLU-dropout-conv, residual (1x1 when widths differ)."""
+
+  features: int
+  dropout: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    h = _conv(self.features, self.dtype, "conv1")(nn.silu(_group_norm("norm1")(x)))
+    h = h + _dense(self.features, self.dtype, "time_proj")(nn.silu(temb))[:, None, None, :]
+    h = nn.silu(_group_norm("norm2")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    h = _conv(self.features, self.dtype, "conv2", zero=True)(h)
+    if x.shape[-1] != self.features:
+      x = _dense(self.features, self.dtype, "shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all pixels, with a residual connection."""
+
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    h = _group_norm("norm")(x)
+    q, k, v = (_dense(c, self.dtype, name)(h).reshape(b, hgt * wid, c) for name in ("q", "k", "v"))
+    logits = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * c**-0.5
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    h = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, hgt, wid, c)
+    return x + _dense(c, self.dtype, "proj_out", zero=True)(h)
+
+
+class UNet(nn.Module):
+  """eps/x0 predictor: (x_t [B,H,W,C], t [B] int) -> [B,H,W,out_channels] float32.
+
+  Attributes:
+    ch: base width; level i has ch * ch_mult[i] channels (each a multiple of 32).
+    ch_mult: width multiplier per resolution level; len(ch_mult) - 1 downsamplings.
+    num_res_blocks: residual blocks per level in the encoder (the decoder has one more).
+    attn_resolutions: feature-map heights (pixels) that get a self-attention block.
+    dropout: dropout rate inside residual blocks (active only with train=True).
+    out_channels: channels of the prediction (the input's channels for eps/x0).
+    dtype: compute dtype; params are float32, GroupNorm and softmax run in float32.
+  """
+
+  ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  out_channels: int
+  dtype: Any = jnp.float32
+
+  def _check_input(self, x: jax.Array, t: jax.Array, cond: jax.Array | None) -> None:
+    if x.ndim != 4:
+      raise ValueError(f"UNet expects NHWC input, got shape {x.shape}")
+    factor = 2 ** (len(self.ch_mult) - 1)
+    if x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"UNet input {x.shape[1]}x{x.shape[2]} must be divisible by {factor} "
+                       f"(ch_mult={self.ch_mult} halves it {len(self.ch_mult) - 1} times)")
+    if t.shape != (x.shape[0],):
+      raise ValueError(f"UNet timesteps must have shape ({x.shape[0]},), got {t.shape}")
+    if cond is not None and cond.shape[:3] != x.shape[:3]:
+      raise ValueError(f"UNet cond shape {cond.shape} must match the input's batch and "
+                       f"spatial shape {x.shape[:3]}")
+    for mult in self.ch_mult:
+      if (self.ch * mult) % NUM_GROUPS:
+        raise ValueError(f"UNet width ch * ch_mult = {self.ch} * {mult} must be a multiple of "
+                         f"{NUM_GROUPS} (GroupNorm groups)")
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, *, cond: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
+    self._check_input(x, t, cond)
+    if cond is not None:
+      x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
+
+    temb = timestep_embedding(t, self.ch)
+    temb = _dense(4 * self.ch, self.dtype, "time_dense0")(temb)
+    temb = _dense(4 * self.ch, self.dtype, "time_dense1")(nn.silu(temb))
+
+    def res_block(h, features, name):
+      return ResBlock(features, self.dropout, self.dtype, name=name)(h, temb, train)
+
+    def maybe_attn(h, name):
+      return AttnBlock(self.dtype, name=name)(h) if h.shape[1] in self.attn_resolutions else h
+
+    h = _conv(self.ch, self.dtype, "conv_in")(x)
+    skips = [h]
+    last = len(self.ch_mult) - 1
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = res_block(h, self.ch * mult, f"down{level}_res{i}")
+        h = maybe_attn(h, f"down{level}_attn{i}")
+        skips.append(h)
+      if level != last:
+        h = _conv(h.shape[-1], self.dtype, f"down{level}_downsample", strides=2)(h)
+        skips.append(h)
+
+    h = res_block(h, h.shape[-1], "mid_res0")
+    h = AttnBlock(self.dtype, name="mid_attn")(h)
+    h = res_block(h, h.shape[-1], "mid_res1")
+
+    for level in reversed(range(len(self.ch_mult))):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, skips.pop()], axis=-1)
+        h = res_block(h, self.ch * self.ch_mult[level], f"up{level}_res{i}")
+        h = maybe_attn(h, f"up{level}_attn{i}")
+      if level != 0:
+        h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+        h = _conv(h.shape[-1], self.dtype, f"up{level}_upsample")(h)
+
+    h = nn.silu(_group_norm("norm_out")(h))
+    h = _conv(self.out_channels, self.dtype, "conv_out", zero=True)(h)
+    return h.astype(jnp.float32)
+
+
+def unet_from_config(model_cfg, out_channels: int, dtype: Any) -> UNet:
+  """UNet from `config.model` (ch, ch_mult, num_res_blocks, attn_resolutions, dropout).
+
+  `dtype` is the compute dtype, a name ("float32", "bfloat16") or a jnp dtype.
+  """
+  name = jnp.dtype(dtype).name
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f"UNet compute dtype {dtype!r} must be one of {COMPUTE_DTYPES}")
+  return UNet(
+      ch=int(model_cfg.ch),
+      ch_mult=tuple(int(m) for m in model_cfg.ch_mult),
+      num_res_blocks=int(model_cfg.num_res_blocks),
+      attn_resolutions=tuple(int(r) for r in model_cfg.attn_resolutions),
+      dropout=float(model_cfg.dropout),
+      out_channels=int(out_channels),
+      dtype=jnp.dtype(name),
+  )

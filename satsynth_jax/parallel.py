@@ -1,0 +1,50 @@
+"""Data parallelism over every device: one mesh axis, batches split on it, state replicated.
+
+`jit` over a `Mesh` is the current successor to `pmap`: one program for all devices and
+hosts, with XLA inserting the gradient all-reduce, so the train step stays a plain function.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over `devices` (default: every device of every process)."""
+  devices = jax.devices() if devices is None else list(devices)
+  # Auto axes: the schedule lookup `table[t]` with a batch-sharded `t` needs them (STYLE.md).
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the data axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def per_process_batch_size(global_batch_size: int, what: str = "batch_size", mesh: Mesh | None = None) -> int:
+  """Rows each process feeds; the global batch must split evenly over the mesh's devices."""
+  devices = mesh.size if mesh is not None else jax.device_count()
+  if global_batch_size % devices:
+    raise ValueError(
+        f"{what}={global_batch_size} is not divisible by the {devices} devices; "
+        f"use a multiple of {devices}")
+  return global_batch_size // jax.process_count()
+
+
+def to_global(host_batch, mesh: Mesh):
+  """This process's rows (a pytree of NumPy arrays) -> global arrays sharded on the batch axis."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+
+
+def to_host(tree):
+  """Fully replicated or fully addressable arrays -> NumPy (for logging and writing)."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)

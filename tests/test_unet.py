@@ -1,0 +1,138 @@
+"""DDPM U-Net: reference parameter count, shapes/dtypes, bf16 path, dropout, conditioning."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from satsynth_jax.models.unet import UNet, timestep_embedding, unet_from_config
+
+TINY = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), out_channels=5)
+
+
+def _param_count(model: UNet, shape, cond_channels: int = 0) -> int:
+  x = jnp.zeros(shape)
+  t = jnp.zeros((shape[0],), jnp.int32)
+  cond = jnp.zeros(shape[:3] + (cond_channels,)) if cond_channels else None
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, t, cond=cond))
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(variables))
+
+
+def _perturbed(variables, scale: float = 0.05, seed: int = 1):
+  """Add noise to every parameter: the zero-initialised output layers would hide every effect."""
+  leaves, tree = jax.tree.flatten(variables)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(tree, [p + scale * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _inputs(shape=(2, 16, 16, 3), seed=0):
+  kx, kt = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(kx, shape), jax.random.randint(kt, (shape[0],), 0, 1000)
+
+
+def test_cifar10_parameter_count_matches_ddpm_reference():
+  model = UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1,
+               out_channels=3)
+  count = _param_count(model, (1, 32, 32, 3))
+  assert abs(count - 35_746_307) / 35_746_307 < 1e-3
+  assert count == 35_746_307  # exact: same layers, biases and GroupNorm affines as Ho et al.
+
+
+def test_paper_config_shapes_without_running_it():
+  cfg = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2,
+                                       attn_resolutions=(16,), dropout=0.0))
+  model = unet_from_config(cfg, out_channels=7, dtype="bfloat16")
+  x = jax.ShapeDtypeStruct((2, 128, 128, 7), jnp.float32)
+  t = jax.ShapeDtypeStruct((2,), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  out = jax.eval_shape(model.apply, variables, x, t)
+  assert (out.shape, out.dtype) == ((2, 128, 128, 7), jnp.float32)
+  assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  assert _param_count(model, (1, 128, 128, 7)) == 85_611_911
+  # Attention only at 16 px: level 3 of 128 -> 64 -> 32 -> 16 -> 8, plus the middle.
+  attn = sorted(k for k in variables["params"] if "attn" in k)
+  assert attn == ["down3_attn0", "down3_attn1", "mid_attn", "up3_attn0", "up3_attn1", "up3_attn2"]
+
+
+def test_unet_from_config_maps_fields_and_rejects_bad_dtype():
+  cfg = ml_collections.ConfigDict(dict(ch=64, ch_mult=[1, 2], num_res_blocks=3, attn_resolutions=[8],
+                                       dropout=0.1))
+  model = unet_from_config(cfg, out_channels=4, dtype=jnp.float32)
+  assert model == UNet(ch=64, ch_mult=(1, 2), num_res_blocks=3, attn_resolutions=(8,), dropout=0.1,
+                       out_channels=4, dtype=jnp.float32)
+  with pytest.raises(ValueError, match="float16"):
+    unet_from_config(cfg, out_channels=4, dtype="float16")
+
+
+def test_timestep_embedding_is_sin_cos_of_geometric_frequencies():
+  emb = timestep_embedding(jnp.array([0, 7]), 8)
+  freqs = np.exp(-np.log(10000.0) * np.arange(4) / 3)
+  np.testing.assert_allclose(emb[0], np.r_[np.zeros(4), np.ones(4)], atol=1e-7)
+  np.testing.assert_allclose(emb[1], np.r_[np.sin(7 * freqs), np.cos(7 * freqs)], rtol=1e-5, atol=1e-6)
+
+
+def test_tiny_forward_shape_dtype_and_identity_init():
+  model = UNet(dropout=0.0, **TINY)
+  x, t = _inputs()
+  variables = model.init(jax.random.key(0), x, t)
+  out = model.apply(variables, x, t)
+  assert (out.shape, out.dtype) == ((2, 16, 16, 5), jnp.float32)
+  np.testing.assert_array_equal(out, 0.0)  # zero-initialised output conv, as in the reference
+  out = model.apply(_perturbed(variables), x, t)
+  assert np.all(np.isfinite(out)) and float(jnp.std(out)) > 1e-2
+  # The timestep reaches the output.
+  assert not np.allclose(out, model.apply(_perturbed(variables), x, t + 1))
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  x, t = _inputs()
+  f32 = UNet(dropout=0.0, **TINY)
+  bf16 = UNet(dropout=0.0, dtype=jnp.bfloat16, **TINY)
+  variables = _perturbed(f32.init(jax.random.key(0), x, t))
+  assert jax.tree.structure(variables) == jax.tree.structure(bf16.init(jax.random.key(0), x, t))
+  ref = f32.apply(variables, x, t)
+  out = bf16.apply(variables, x, t)
+  assert out.dtype == jnp.float32
+  rel = np.abs(np.asarray(out) - np.asarray(ref)) / float(jnp.std(ref))
+  assert rel.mean() < 0.02 and rel.max() < 0.2
+
+
+def test_dropout_is_active_only_in_training():
+  model = UNet(dropout=0.5, **TINY)
+  x, t = _inputs()
+  variables = _perturbed(model.init(jax.random.key(0), x, t))
+  eval_out = model.apply(variables, x, t)
+  np.testing.assert_array_equal(eval_out, model.apply(variables, x, t, rngs={"dropout": jax.random.key(3)}))
+  train = [model.apply(variables, x, t, train=True, rngs={"dropout": jax.random.key(k)}) for k in (1, 1, 2)]
+  np.testing.assert_array_equal(train[0], train[1])
+  assert not np.allclose(train[0], train[2])
+  assert not np.allclose(train[0], eval_out)
+
+
+def test_cond_is_concatenated_to_the_input():
+  model = UNet(dropout=0.0, **TINY)
+  x, t = _inputs()
+  cond = jax.random.normal(jax.random.key(5), (2, 16, 16, 4))
+  variables = model.init(jax.random.key(0), x, t, cond=cond)
+  assert variables["params"]["conv_in"]["kernel"].shape == (3, 3, 3 + 4, 32)
+  variables = _perturbed(variables)
+  out = model.apply(variables, x, t, cond=cond)
+  assert out.shape == (2, 16, 16, 5)
+  assert not np.allclose(out, model.apply(variables, x, t, cond=-cond))
+  with pytest.raises(ValueError, match="cond shape"):
+    model.apply(variables, x, t, cond=cond[:, :8, :8])
+
+
+def test_bad_inputs_are_named():
+  model = UNet(dropout=0.0, **TINY)
+  x, t = _inputs(shape=(2, 15, 15, 3))
+  with pytest.raises(ValueError, match="divisible by 2"):
+    model.init(jax.random.key(0), x, t)
+  with pytest.raises(ValueError, match="timesteps"):
+    model.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), jnp.zeros((3,), jnp.int32))
+  narrow = UNet(dropout=0.0, **{**TINY, "ch": 16})
+  with pytest.raises(ValueError, match="multiple of 32"):
+    narrow.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32))

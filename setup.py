@@ -29,6 +29,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],
         # Only the TFRecord interop test needs TensorFlow; nothing at run time does.
-        "tf": ["tensorflow-cpu>=2.18"],
+        "tf": ["tensorflow-cpu>=2.20,<3"],
     },
 )

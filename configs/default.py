@@ -75,4 +75,29 @@ def get_config():
   s.batch_size = 64  # global, split over all devices
   s.checkpoint_step = -1  # -1: latest checkpoint of G
   s.examples_per_shard = 256
+
+  # ---- the segmenter trained on D (R=0) or D u D' (paper: FPN with a ResNet-50) ----
+  d.synthetic_ratio = 0  # R used by the segmenter: R x |D| synthetic pairs join training; 0 = real only
+  d.synthetic_dir = ""  # default: <workdir>/synthetic
+  d.synthetic_fraction = 0.5  # share of each batch that is synthetic when R > 0 (paper: balanced)
+  c.segmentation = g = ml_collections.ConfigDict()
+  g.model = "fpn"  # fpn | unet (the U-Net head also serves as the FID metric encoder)
+  g.backbone_stages = (3, 4, 6, 3)  # ResNet-50
+  g.pretrained_path = ""  # optional .npz of torchvision ResNet-50 weights (tools/convert_torchvision_resnet50.py)
+  g.train = st = ml_collections.ConfigDict()
+  st.batch_size = 16
+  st.num_steps = 20_000
+  st.optimizer = "adamw"
+  st.lr = 1e-4
+  st.schedule = "poly"
+  st.poly_power = 0.9
+  st.weight_decay = 1e-2
+  st.warmup_steps = 500
+  st.grad_clip = 0.0
+  st.ema_decay = 0.0
+  st.log_every = 50
+  st.checkpoint_every = 1000
+  st.keep_checkpoints = 2
+  st.sample_every = 0
+  g.eval_batch_size = 16
   return c

@@ -13,8 +13,10 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
+from satsynth_jax.errors import SatSynthError
 
-class CheckpointNotFoundError(FileNotFoundError):
+
+class CheckpointNotFoundError(SatSynthError, FileNotFoundError):
   """No (or no such) checkpoint; the message names the directory and what exists."""
 
 

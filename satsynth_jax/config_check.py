@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from satsynth_jax import labels
+from satsynth_jax.errors import SatSynthError
 
 FORMATS = ("isaid", "loveda", "openearthmap", "folder", "demo")
 DTYPES = ("float32", "bfloat16")
 
 
-class ConfigError(ValueError):
+class ConfigError(SatSynthError, ValueError):
   """A config value no job can run with; the message names the key and the value."""
 
 
@@ -28,7 +29,9 @@ def validate(config) -> None:
     _require(len(rgb) == 3 and all(0 <= int(v) <= 255 for v in rgb), "data.palette", rgb, "colours are 3 ints in [0, 255]")
   _require(len(set(map(tuple, d.palette))) == k or d.mask_format != "rgb", "data.palette", d.palette,
            "RGB masks need a distinct colour per class")
-  _require(not 0 <= d.ignore_index < k, "data.ignore_index", d.ignore_index, "must not be a class index")
+  no_data = 255 if k <= 255 else 65535  # what uint8 / uint16 mask records store
+  _require(d.ignore_index == no_data, "data.ignore_index", d.ignore_index,
+           f"records store no-data as {no_data} for {k} classes")
   _require(d.mask_format in ("index", "rgb"), "data.mask_format", d.mask_format, "must be 'index' or 'rgb'")
   _require(d.patch_size >= 8, "data.patch_size", d.patch_size, "must be >= 8")
   _require(d.patch_stride >= 0, "data.patch_stride", d.patch_stride, "must be >= 0 (0 means patch_size)")

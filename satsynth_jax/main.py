@@ -14,6 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from satsynth_jax import config_check
+from satsynth_jax.errors import SatSynthError
 
 # mode -> "module:function(config, workdir)"; imported lazily so `prepare` stays light.
 MODES = {
@@ -73,7 +74,10 @@ def main(argv):
   module_name, fn_name = MODES[_MODE.value].split(":")
   job = getattr(importlib.import_module(module_name), fn_name)
   logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
-  job(config, _WORKDIR.value)
+  try:
+    job(config, _WORKDIR.value)
+  except SatSynthError as e:  # bad data, missing checkpoint, diverged run: say what to fix
+    fail(" ".join(str(e).split()))
 
 
 def run():

@@ -72,7 +72,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(directory, f"{name}.jsonl"), "a", encoding="utf-8")
     events = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
     self._events = open(os.path.join(directory, name, events), "ab")
-    self._events.write(records._frame(_event(0, file_version="brain.Event:2")))
+    self._events.write(records.frame_record(_event(0, file_version="brain.Event:2")))
 
   def scalars(self, step: int, values: dict) -> None:
     if not self.enabled:
@@ -81,13 +81,13 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
     summary = b"".join(_bytes_field(1, _scalar_value(k, v)) for k, v in values.items())
-    self._events.write(records._frame(_event(int(step), summary)))
+    self._events.write(records.frame_record(_event(int(step), summary)))
     self._events.flush()
 
   def image(self, step: int, tag: str, image: np.ndarray) -> None:
     if not self.enabled:
       return
-    self._events.write(records._frame(_event(int(step), _bytes_field(1, _image_value(tag, image)))))
+    self._events.write(records.frame_record(_event(int(step), _bytes_field(1, _image_value(tag, image)))))
     self._events.flush()
 
   def close(self) -> None:

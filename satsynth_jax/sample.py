@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import checkpoint, parallel, viz
+from satsynth_jax import atomic, checkpoint, parallel, viz
 from satsynth_jax.data import records
 from satsynth_jax.train import diffusion
 
@@ -28,7 +28,7 @@ def synthetic_dir(workdir: str) -> str:
 def _plan(config, num_real: int, step: int) -> dict:
   s = config.sample
   return {"checkpoint_step": step, "per_real": s.per_real, "num_real": num_real,
-          "num_examples": s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
+          "requested": s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
           "sampler": s.sampler, "ddim_steps": s.ddim_steps, "ddim_eta": s.ddim_eta, "seed": config.seed,
           "image_size": config.data.image_size, "label_encoding": config.data.label_encoding}
 
@@ -44,7 +44,7 @@ def _check_plan(out_dir: str, plan: dict) -> None:
       raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
                        f"delete it to sample again")
   else:
-    records.write_json_atomic(path, plan)
+    atomic.write_json(path, plan)
 
 
 def restore_generator_params(config, workdir: str, mesh, step: int | None):
@@ -77,7 +77,7 @@ def run(config, workdir: str) -> None:
   os.makedirs(out_dir, exist_ok=True)
   _check_plan(out_dir, plan)
 
-  total, per_shard = plan["num_examples"], plan["examples_per_shard"]
+  total, per_shard = plan["requested"], plan["examples_per_shard"]
   counts = [min(per_shard, total - start) for start in range(0, total, per_shard)]
   todo = [s for s, n in enumerate(counts)
           if records.shard_record_count(os.path.join(out_dir, records.shard_filename(s))) != n]
@@ -109,7 +109,8 @@ def write_report(config, workdir: str, real: dict, synthetic: dict) -> None:
   """PNGs a user checks first: a grid of synthetic pairs and real vs synthetic class frequencies."""
   source = records.PairSource(synthetic_dir(workdir))
   picks = [source[i] for i in range(min(16, len(source)))]
-  grid = diffusion.sample_grid(config, np.stack([p["image"] for p in picks]), np.stack([p["mask"] for p in picks]))
+  grid = diffusion.sample_grid(config, np.stack([p["image"] for p in picks]), np.stack([p["mask"] for p in picks]),
+                               f"synthetic pairs ({synthetic['source']})")
   viz.save_png(grid, os.path.join(workdir, "samples", "synthetic_grid.png"))
   fractions = {name: np.asarray(m["class_pixels"], np.float64) / max(1, sum(m["class_pixels"]))
                for name, m in (("real", real), ("synthetic", synthetic))}

@@ -1,4 +1,4 @@
-"""Report pictures with Pillow only: colour-coded masks, image/mask grids, bar and line charts.
+"""Report pictures with Pillow only: colour-coded masks, image/mask grids, (grouped) bar and line charts.
 
 Every function returns a `PIL.Image.Image` (or an RGB array for `colorize`); `save_png`
 writes one atomically. Jobs use these for data previews, sample grids and loss curves.
@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from satsynth_jax import atomic
 
 Array = np.ndarray
 RGB = tuple[int, int, int]
@@ -74,12 +76,13 @@ def _as_pil(picture: Array | Image.Image) -> Image.Image:
 
 
 def _fit(picture: Image.Image, size: int | None, nearest: bool) -> Image.Image:
-  """Scale the longer side to `size` (masks with NEAREST so no colour is invented)."""
+  """Scale the longer side to `size`: NEAREST for masks (no invented colours) and for enlarging
+  (shows the true pixels), LANCZOS for shrinking images."""
   if size is None or max(picture.size) == size:
     return picture
   scale = size / max(picture.size)
   new_size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-  resample = Image.Resampling.NEAREST if nearest else Image.Resampling.LANCZOS
+  resample = Image.Resampling.NEAREST if nearest or scale > 1 else Image.Resampling.LANCZOS
   return picture.resize(new_size, resample)
 
 
@@ -173,9 +176,10 @@ def pair_grid(images: Sequence[Array], masks: Sequence[Array], palette: Sequence
   for image, mask in zip(images, masks):
     left = _fit(_as_pil(image), tile_size, nearest=False)
     right = _fit(_as_pil(colorize(mask, palette, ignore_index)), tile_size, nearest=True)
-    pair = Image.new("RGB", (left.width + right.width + 2, max(left.height, right.height)), WHITE)
-    pair.paste(left, (0, 0))
-    pair.paste(right, (left.width + 2, 0))
+    # A 1 px frame keeps tiles apart where a palette colour matches the page (LoveDA's white).
+    pair = Image.new("RGB", (left.width + right.width + 5, max(left.height, right.height) + 2), GRID)
+    pair.paste(left, (1, 1))
+    pair.paste(right, (left.width + 4, 1))
     pairs.append(pair)
   grid = image_grid(pairs, columns, pad=6, captions=captions)
   parts = [grid]
@@ -210,7 +214,7 @@ def format_number(value: float) -> str:
   if value == 0:
     return "0"
   if 1e-3 <= abs(value) < 1e5:
-    return f"{value:.4g}"
+    return f"{value:.6g}"  # nice tick values print exactly; float noise (0.30000000000000004) does not
   return f"{value:.0e}" if math.log10(abs(value)).is_integer() else f"{value:.2g}"
 
 
@@ -234,48 +238,78 @@ def bar_chart(values: Sequence[float], labels: Sequence[str], title: str, *, log
   """Horizontal bars, one per label, with the value printed at each bar's end.
 
   `log=True` uses a log10 axis (for distributions such as iSAID's, where background is
-  >97% of pixels and small vehicles ~0.3%); zero values then draw no bar.
+  >97% of pixels and small vehicles ~0.3%); zero values then draw no bar. `colors` gives
+  each bar its own colour (e.g. the class palette).
   """
   values = [float(v) for v in values]
   if len(values) != len(labels) or not values:
     raise ValueError(f"bar_chart needs one value per label, got {len(values)} values and {len(labels)} labels")
-  size, row_h = 14, 24
+  fills = [tuple(int(c) for c in rgb) for rgb in colors] if colors is not None else [SERIES_COLORS[0]] * len(values)
+  return _bars([[(v, fill)] for v, fill in zip(values, fills)], labels, title, {}, log=log,
+               value_label=value_label, value_format=value_format, width=width)
+
+
+def grouped_bar_chart(series: Mapping[str, Sequence[float]], labels: Sequence[str], title: str, *,
+                      log: bool = False, value_label: str = "", value_format=format_number,
+                      width: int = 900) -> Image.Image:
+  """Per label, one horizontal bar per named series (e.g. real vs synthetic class shares), with a legend."""
+  columns = {name: [float(v) for v in values] for name, values in series.items()}
+  if not columns or any(len(values) != len(labels) for values in columns.values()) or not labels:
+    raise ValueError(f"grouped_bar_chart needs one value per label in every series; {len(labels)} labels, "
+                     f"series lengths {({name: len(v) for name, v in columns.items()})}")
+  colours = {name: SERIES_COLORS[i % len(SERIES_COLORS)] for i, name in enumerate(columns)}
+  groups = [[(values[i], colours[name]) for name, values in columns.items()] for i in range(len(labels))]
+  return _bars(groups, labels, title, colours, log=log, value_label=value_label, value_format=value_format,
+               width=width)
+
+
+def _bars(groups: Sequence[Sequence[tuple[float, RGB]]], labels: Sequence[str], title: str,
+          legend_colours: Mapping[str, RGB], *, log: bool, value_label: str, value_format, width: int) -> Image.Image:
+  """Horizontal bar chart: one row per label holding that group's (value, colour) bars."""
+  size, bar_h = 14, 16
+  values = [v for group in groups for v, _ in group]
   positive = [v for v in values if v > 0]
   if log and positive:
-    ticks = _log_ticks(min(positive), max(positive))
+    # Start the axis below the smallest value, so even that bar has visible length.
+    ticks = _log_ticks(min(positive) / 3, max(positive))
   else:
     log = False
     ticks = _linear_ticks(min(0.0, *values), max(0.0, *values))
+  row_h = bar_h * max(len(g) for g in groups) + 8
   label_w = max(_text_size(label, size)[0] for label in labels) + 16
   value_w = max(_text_size(value_format(v), size)[0] for v in values) + 12
-  title_h, axis_h = 36, 44
-  height = title_h + row_h * len(values) + axis_h
+  title_h = 36 + (20 if legend_colours else 0)
+  bottom = title_h + row_h * len(groups)
   left, right = label_w, width - value_w
   axis = _Axis(ticks, left, right, log)
-  chart = Image.new("RGB", (width, height), WHITE)
+  chart = Image.new("RGB", (width, bottom + 44), WHITE)
   draw = ImageDraw.Draw(chart)
-  draw.text((8, title_h // 2), title, fill=INK, font=font(18), anchor="lm")
-  bottom = title_h + row_h * len(values)
+  draw.text((8, 18), title, fill=INK, font=font(18), anchor="lm")
+  x = left
+  for name, colour in legend_colours.items():
+    draw.rectangle((x, 40, x + 13, 53), fill=colour, outline=INK)
+    draw.text((x + 19, 47), name, fill=INK, font=font(13), anchor="lm")
+    x += 19 + _text_size(name, 13)[0] + 18
   for tick in ticks:
     x = axis(tick)
     draw.line((x, title_h, x, bottom), fill=GRID)
     draw.line((x, bottom, x, bottom + 4), fill=INK)
-    draw.text((x, bottom + 6), format_number(tick), fill=INK, font=font(12), anchor="mt")
+    draw.text((x, bottom + 6), value_format(tick), fill=INK, font=font(12), anchor="mt")
   draw.line((left, bottom, right, bottom), fill=INK)
   if value_label:
     draw.text(((left + right) / 2, bottom + 26), value_label + (" (log scale)" if log else ""),
               fill=INK, font=font(12), anchor="mt")
   base = axis(ticks[0]) if log else axis(0.0)
-  for i, (value, label) in enumerate(zip(values, labels)):
-    top = title_h + i * row_h + 4
-    middle = top + (row_h - 8) / 2
-    draw.text((left - 8, middle), label, fill=INK, font=font(size), anchor="rm")
-    if value > 0 or not log:
-      end = axis(value)
-      fill = tuple(int(c) for c in colors[i]) if colors is not None else SERIES_COLORS[0]
-      draw.rectangle((min(base, end), top, max(base, end), top + row_h - 8), fill=fill, outline=INK)
-    text_x = axis(value) if (value > 0 or not log) else base
-    draw.text((max(base, text_x) + 6, middle), value_format(value), fill=INK, font=font(size), anchor="lm")
+  for i, (group, label) in enumerate(zip(groups, labels)):
+    row_top = title_h + i * row_h + 4
+    draw.text((left - 8, row_top + len(group) * bar_h / 2), label, fill=INK, font=font(size), anchor="rm")
+    for j, (value, fill) in enumerate(group):
+      top = row_top + j * bar_h
+      end = axis(value) if (value > 0 or not log) else base  # log axes cannot show 0: no bar
+      if end != base:
+        draw.rectangle((min(base, end), top, max(base, end), top + bar_h - 2), fill=fill, outline=INK)
+      draw.text((max(base, end) + 6, top + bar_h / 2 - 1), value_format(value), fill=INK, font=font(size - 2),
+                anchor="lm")
   draw.line((left, title_h, left, bottom), fill=INK)
   return chart
 
@@ -317,7 +351,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
     ImageDraw.Draw(label).text((2, 9), y_label, fill=INK, font=font(13), anchor="lm")
     rotated = label.rotate(90, expand=True)
     chart.paste(rotated, (4, int((top + bottom - rotated.height) / 2)))
-  for i, (name, (x, y, ok)) in enumerate(cleaned.items()):
+  for i, (x, y, ok) in enumerate(cleaned.values()):
     color = SERIES_COLORS[i % len(SERIES_COLORS)]
     points = [(x_axis(a), y_axis(b)) if good else None for a, b, good in zip(x, y, ok)]
     run: list[tuple[float, float]] = []
@@ -328,11 +362,16 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
       if len(run) == 1:
         draw.ellipse((run[0][0] - 2, run[0][1] - 2, run[0][0] + 2, run[0][1] + 2), fill=color)
       elif run:
-        draw.line(run, fill=color, width=2)
+        draw.line(run, fill=color, width=2, joint="curve")
       run = []
-    legend_y = top + 8 + i * 18
-    draw.line((right - 150, legend_y, right - 128, legend_y), fill=color, width=3)
-    draw.text((right - 122, legend_y), _clip_text(name, 118, 12), fill=INK, font=font(12), anchor="lm")
+  # Legend last, on a white box, so no curve hides it.
+  text_w = min(max(_text_size(name, 12)[0] for name in cleaned), (right - left) // 2)
+  box_left = right - text_w - 46
+  draw.rectangle((box_left, top + 6, right - 6, top + 14 + 18 * len(cleaned)), fill=WHITE, outline=GRID)
+  for i, name in enumerate(cleaned):
+    legend_y = top + 19 + i * 18
+    draw.line((box_left + 8, legend_y, box_left + 30, legend_y), fill=SERIES_COLORS[i % len(SERIES_COLORS)], width=3)
+    draw.text((box_left + 36, legend_y), _clip_text(name, text_w, 12), fill=INK, font=font(12), anchor="lm")
   return chart
 
 
@@ -342,15 +381,4 @@ def save_png(picture: Array | Image.Image, path: str | os.PathLike) -> pathlib.P
   Arrays keep their layout: [H, W] uint8/uint16 becomes a one-channel (index) PNG.
   """
   picture = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-  try:
-    with open(temp, "wb") as f:
-      picture.save(f, format="PNG")
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temp, path)
-  finally:
-    temp.unlink(missing_ok=True)
-  return path
+  return atomic.write(path, lambda file: picture.save(file, format="PNG"))

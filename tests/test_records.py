@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import io
+import json
 import pickle
 import shutil
 
@@ -115,6 +116,16 @@ def test_iter_records_reads_shards_in_order(written):
   assert ids == [p.id for p in pairs]
 
 
+def test_framing_matches_a_record_tensorflow_wrote(tmp_path):
+  # tf.io.TFRecordWriter's bytes for the payload b"satsynth": length, masked CRC32C of the
+  # length, data, masked CRC32C of the data.
+  golden = bytes.fromhex("0800000000000000ff86240f73617473796e7468d7104ca4")
+  path = tmp_path / "golden.tfrecord"
+  path.write_bytes(golden)
+  assert list(records.iter_records(path)) == [b"satsynth"]
+  assert records.frame_record(b"satsynth") == golden
+
+
 def test_existing_output_is_refused_unless_overwrite(written):
   directory, _, _ = written
   with pytest.raises(RecordError, match="overwrite=True"):
@@ -139,6 +150,19 @@ def test_write_records_rejects_duplicate_ids_and_class_mismatch(tmp_path):
     records.write_records(tmp_path / "b", pairs, num_classes=7, class_names=NAMES6 + ["x"],
                           source="toy", examples_per_shard=5)
   assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_resume_helpers_recover_shard_entries(written, tmp_path):
+  directory, _, manifest = written
+  for shard in manifest["shards"]:
+    path = directory / shard["file"]
+    assert records.shard_record_count(path) == shard["count"]
+    assert records.shard_entry(path) == shard
+  assert records.shard_record_count(directory / "shard-00042.tfrecord") == 0
+  index = directory / "shard-00002.tfrecord.index"
+  index.write_bytes(index.read_bytes() * 2)
+  with pytest.raises(RecordError, match=r"shard-00002\.tfrecord\.index lists 2 records but .* 1"):
+    records.shard_entry(directory / "shard-00002.tfrecord")
 
 
 def test_empty_split_writes_a_valid_manifest(tmp_path):
@@ -177,7 +201,7 @@ def test_truncated_shard_names_file_and_record(written):
 def test_missing_shard_is_reported(written):
   directory, _, _ = written
   (directory / "shard-00001.tfrecord").unlink()
-  with pytest.raises(RecordError, match=r"shard-00001\.tfrecord is listed in .*manifest.json but missing"):
+  with pytest.raises(RecordError, match=r"shard-00001\.tfrecord is listed in .* but missing"):
     PairSource(directory)
 
 

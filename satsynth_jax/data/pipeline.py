@@ -18,7 +18,7 @@ Public API (`batch_size` is always the batch of one JAX process):
   segmentation_batches(config, real_dir, synthetic_dir=None, *, batch_size, seed, train,
                        synthetic_fraction=0.5, ...) -> grain.IterDataset
       {"image": float32[B, S, S, 3] in [0, 1], "mask": int32[B, S, S] (data.ignore_index kept),
-      "is_synthetic": bool[B]}. train: endless, real and synthetic mixed. eval: one ordered pass
+      "is_synthetic": bool[B]}. train: endless, real mixed with synthetic_dir (if any). eval: one ordered pass
       over real_dir plus "valid": bool[B]; the last batch is padded (valid=False, mask all
       ignore_index) so that every process yields the same number of batches and each example
       is seen exactly once over all processes.
@@ -134,21 +134,20 @@ def segmentation_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-  """Segmenter batches: endless real + synthetic mix (train) or one padded pass over real_dir (eval)."""
-  d = config.data
+  """Segmenter batches: endless real + synthetic mix (train) or one padded pass over real_dir (eval).
+
+  Without a synthetic_dir training reads real data only (the paper's "D" baseline).
+  """
   process_index, process_count = _process_shard(process_index, process_count)
   shard = dict(process_index=process_index, process_count=process_count)
-  to_output = functools.partial(_segmentation_example, num_classes=d.num_classes, ignore_index=d.ignore_index)
   real = _open(real_dir, config)
   if not train:
     if synthetic_dir is not None:
       raise ValueError(f"evaluation reads real data only; got synthetic_dir={synthetic_dir!s}")
     ds = pairs(real, config, seed=seed, train=False, **shard)
-    ds = ds.map(functools.partial(_tag, is_synthetic=False)).map(to_output)
+    ds = ds.map(functools.partial(_tag, is_synthetic=False)).map(_segmentation_example)
     return _batched(_pad_to_full_batches(ds, config, batch_size, len(real), process_count), config, batch_size)
 
-  if synthetic_fraction > 0.0 and synthetic_dir is None:
-    raise ValueError(f"synthetic_fraction={synthetic_fraction} needs a synthetic_dir")
   real_ds = pairs(real, config, seed=_stream_seed(seed, _REAL_STREAM), train=True, **shard)
   if synthetic_dir is None:
     ds = real_ds.map(functools.partial(_tag, is_synthetic=False))
@@ -158,7 +157,7 @@ def segmentation_batches(
     # Mixing after sharding keeps the ratio on every process (a strided slice of an
     # interleaved stream could hand one process only real and another only synthetic data).
     ds = mix(real_ds, synthetic_ds, synthetic_fraction)
-  return _batched(ds.map(to_output), config, batch_size)
+  return _batched(ds.map(_segmentation_example), config, batch_size)
 
 
 # ---- per-example transforms (module-level so grain can pickle them for worker processes) ----
@@ -216,27 +215,16 @@ def _tag(example: Example, *, is_synthetic: bool) -> Example:
   return {**example, "is_synthetic": is_synthetic}
 
 
-def _checked_mask(example: Example, num_classes: int, ignore_index: int) -> np.ndarray:
-  mask = example["mask"]
-  bad = (mask >= num_classes) & (mask != ignore_index)
-  if bad.any():
-    raise ValueError(f"example {example['id']!r}: mask values {np.unique(mask[bad])[:8].tolist()} are neither "
-                     f"classes [0, {num_classes}) nor ignore_index={ignore_index}")
-  return mask
-
-
 def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int,
                        fill_class: int) -> Example:
-  mask = _checked_mask(example, num_classes, ignore_index)
-  mask = np.where(mask == ignore_index, fill_class, mask)
+  mask = np.where(example["mask"] == ignore_index, fill_class, example["mask"])
   return {"x": labels.encode_pair(example["image"], mask, num_classes, encoding).astype(np.float32, copy=False)}
 
 
-def _segmentation_example(example: Example, *, num_classes: int, ignore_index: int) -> Example:
-  mask = _checked_mask(example, num_classes, ignore_index)
+def _segmentation_example(example: Example) -> Example:
   return {
       "image": example["image"].astype(np.float32) / np.float32(255.0),
-      "mask": mask.astype(np.int32),
+      "mask": example["mask"].astype(np.int32),
       "is_synthetic": np.bool_(example["is_synthetic"]),
   }
 
@@ -245,10 +233,16 @@ def _segmentation_example(example: Example, *, num_classes: int, ignore_index: i
 
 
 def _open(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> records.PairSource:
+  """The record directory's pairs, after checking they carry the classes the config expects."""
   source = records.PairSource(directory)
-  if source.num_classes != config.data.num_classes:
+  d = config.data
+  if source.num_classes != d.num_classes:
     raise ValueError(f"{directory}: records have num_classes={source.num_classes}, "
-                     f"but config.data.num_classes={config.data.num_classes}")
+                     f"but config.data.num_classes={d.num_classes}")
+  # Records mark no-data with a value fixed by K; the model code knows only the config's.
+  if records.ignore_value(d.num_classes) != d.ignore_index:
+    raise ValueError(f"{directory}: records mark no-data pixels with {records.ignore_value(d.num_classes)}, "
+                     f"but config.data.ignore_index={d.ignore_index}")
   return source
 
 

@@ -11,7 +11,6 @@ uint16 PNG ("I;16", ignore 65535). Images are RGB uint8 PNG.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import itertools
@@ -19,7 +18,6 @@ import json
 import os
 import pathlib
 import struct
-import tempfile
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -28,6 +26,9 @@ import numpy as np
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
+from satsynth_jax import atomic
+from satsynth_jax.errors import SatSynthError
+
 FORMAT = "satsynth_jax.pairs/v1"
 MANIFEST = "manifest.json"
 _SHARD_GLOB = "shard-*.tfrecord"
@@ -35,7 +36,7 @@ _HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length byt
 _FOOTER = struct.Struct("<I")  # masked CRC32C of the data
 
 
-class RecordError(Exception):
+class RecordError(SatSynthError):
   """A corrupt or truncated record, or a record directory that disagrees with its manifest."""
 
 
@@ -66,7 +67,8 @@ def _example_class() -> type:
   def add(container, name: str, *fields: tuple[str, int, int, str, bool]):
     message = container.add(name=name)
     for field_name, number, field_type, type_name, repeated in fields:
-      message.field.add(name=field_name, number=number, type=field_type, type_name=type_name or None,
+      message.field.add(name=field_name, number=number, type=field_type,
+                        type_name=type_name or None,
                         label=f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL)
     return message
 
@@ -97,7 +99,8 @@ Example = _example_class()
 
 def _png(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format="PNG")
+  # Level 1: ~4x faster than the default, ~6% larger on a LoveDA patch; prepare is encode-bound.
+  Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
   return buffer.getvalue()
 
 
@@ -154,8 +157,8 @@ def parse_pair(data: bytes) -> dict:
     image, mask = np.asarray(image), np.asarray(mask)
   except OSError as e:  # Pillow's errors for undecodable or truncated PNGs.
     raise RecordError(f"undecodable PNG: {e}") from e
-  pair = {"image": image, "mask": mask,
-          "id": value("id", "bytes_list").decode(), "source": value("source", "bytes_list").decode(),
+  pair = {"image": image, "mask": mask, "id": value("id", "bytes_list").decode(),
+          "source": value("source", "bytes_list").decode(),
           "num_classes": int(value("num_classes", "int64_list"))}
   size = (value("height", "int64_list"), value("width", "int64_list"))
   if pair["image"].shape[:2] != size or pair["mask"].shape != size:
@@ -169,7 +172,8 @@ def _masked_crc(data: bytes) -> int:
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
-def _frame(data: bytes) -> bytes:
+def frame_record(data: bytes) -> bytes:
+  """Standard TFRecord framing: length, masked CRC32C of it, data, masked CRC32C of the data."""
   length = struct.pack("<Q", len(data))
   return length + _FOOTER.pack(_masked_crc(length)) + data + _FOOTER.pack(_masked_crc(data))
 
@@ -212,33 +216,12 @@ def _index_path(shard: pathlib.Path) -> pathlib.Path:
   return shard.with_name(shard.name + ".index")
 
 
-def _fsync_dir(directory: pathlib.Path) -> None:
-  fd = os.open(directory, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _atomic_write(path: pathlib.Path, write: Callable, before_rename: Callable = lambda: None):
-  """write(file) to a hidden temp name beside path, fsync, before_rename(), rename, fsync dir."""
-  fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as file:
-      write(file)
-      file.flush()
-      os.fsync(file.fileno())
-    before_rename()
-    os.replace(temp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.unlink(temp)
-    raise
-  _fsync_dir(path.parent)
+def _class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
+  return np.bincount(mask[mask != ignore_value(num_classes)], minlength=num_classes)
 
 
 def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
-  """Writes one shard and its index atomically (the index lands first); returns its manifest entry."""
+  """Writes a shard and its index atomically (index renamed first); returns its manifest entry."""
   path = pathlib.Path(path)
   offsets, class_pixels = [], None
 
@@ -246,12 +229,11 @@ def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
     nonlocal class_pixels
     offset = 0
     for pair in pairs:
-      record = _frame(serialize_pair(pair))
+      record = frame_record(serialize_pair(pair))
       file.write(record)
       offsets.append(offset)
       offset += len(record)
-      mask = np.asarray(pair.mask)
-      counts = np.bincount(mask[mask != ignore_value(pair.num_classes)], minlength=pair.num_classes)
+      counts = _class_pixels(np.asarray(pair.mask), pair.num_classes)
       if class_pixels is None:
         class_pixels = counts
       elif len(counts) != len(class_pixels):
@@ -262,10 +244,38 @@ def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
 
   def write_index() -> None:
     index = np.asarray(offsets, dtype="<u8").tobytes()
-    _atomic_write(_index_path(path), lambda file: file.write(index))
+    atomic.write_bytes(_index_path(path), index)
 
-  _atomic_write(path, write, write_index)
+  atomic.write(path, write, write_index)
   return {"file": path.name, "count": len(offsets),
+          "class_pixels": [] if class_pixels is None else class_pixels.tolist()}
+
+
+def shard_record_count(path: str | os.PathLike) -> int:
+  """Records in a finished shard, from its index; 0 if the shard is absent (not yet written)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return 0
+  # The index is renamed into place before its shard, so a present shard has a full index.
+  if not (index := _index_path(path)).is_file():
+    raise RecordError(f"{index} is missing although {path} exists")
+  return index.stat().st_size // 8
+
+
+def shard_entry(path: str | os.PathLike) -> dict:
+  """The manifest entry of a shard already on disk (e.g. a resumed job), recounting its masks."""
+  path = pathlib.Path(path)
+  class_pixels, count = None, 0
+  for count, data in enumerate(iter_records(path), start=1):
+    try:
+      pair = parse_pair(data)
+    except RecordError as e:
+      raise RecordError(f"{path}: record {count - 1}: {e}") from e
+    pixels = _class_pixels(pair["mask"], pair["num_classes"])
+    class_pixels = pixels if class_pixels is None else class_pixels + pixels
+  if (indexed := shard_record_count(path)) != count:
+    raise RecordError(f"{_index_path(path)} lists {indexed} records but {path} holds {count}")
+  return {"file": path.name, "count": count,
           "class_pixels": [] if class_pixels is None else class_pixels.tolist()}
 
 
@@ -284,8 +294,7 @@ def write_manifest(directory: str | os.PathLike, shards: list[dict], *, num_clas
               "shards": shards, "class_pixels": class_pixels.tolist()}
   if clash := manifest.keys() & meta.keys():
     raise ValueError(f"meta keys {sorted(clash)} are reserved manifest keys")
-  text = json.dumps(manifest | meta, indent=1)
-  _atomic_write(pathlib.Path(directory) / MANIFEST, lambda file: file.write(text.encode()))
+  atomic.write_json(pathlib.Path(directory) / MANIFEST, manifest | meta)
 
 
 def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_classes: int,
@@ -398,7 +407,8 @@ class PairSource:
       self._files = [None] * len(self._paths)
 
   def __del__(self):
-    if hasattr(self, "_files"):
+    # At interpreter exit module globals (os) may already be gone; the OS closes fds anyway.
+    if hasattr(self, "_files") and os is not None and getattr(os, "close", None) is not None:
       self.close()
 
   def __len__(self) -> int:

@@ -18,7 +18,8 @@ import numpy as np
 
 
 @jax.jit(static_argnames=("num_classes", "ignore_index"))
-def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int, ignore_index: int = 255) -> jax.Array:
+def confusion_matrix(labels: jax.Array, preds: jax.Array, num_classes: int,
+                     ignore_index: int = 255) -> jax.Array:
   """Pixel counts [K, K] int32: entry (i, j) counts pixels of true class i predicted as j.
 
   `labels` and `preds` are integer maps of the same shape. Pixels whose label is

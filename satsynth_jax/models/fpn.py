@@ -44,8 +44,9 @@ class FPN(nn.Module):
     for level in reversed(LEVELS[:-1]):
       coarser = merged[level + 1]
       merged[level] = laterals[level] + resize_to(coarser, laterals[level].shape[1:3], "nearest")
-    return {f"P{level}": nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), kernel_init=resnet.CONV_INIT,
-                                 dtype=self.dtype, name=f"output{level}")(merged[level])
+    return {f"P{level}": nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
+                                 kernel_init=resnet.CONV_INIT, dtype=self.dtype,
+                                 name=f"output{level}")(merged[level])
             for level in LEVELS}
 
 

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from satsynth_jax.errors import SatSynthError
+
 RESNET50_STAGES = (3, 4, 6, 3)
 STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; outputs are 4x wider
 EXPANSION = 4
@@ -37,7 +39,7 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
-  pad = kernel // 2  # torch's symmetric padding; "SAME" would pad (0, 1) on even sizes
+  pad = kernel // 2  # torch's symmetric padding; "SAME" pads strided convs asymmetrically
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
                  use_bias=False, kernel_init=CONV_INIT, dtype=dtype, name=name)
 
@@ -99,7 +101,7 @@ class ResNet(nn.Module):
 
 # ---- torchvision state-dict interop ----
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(SatSynthError, ValueError):
   """A weights file that does not fit the backbone; the message names the file and key."""
 
 

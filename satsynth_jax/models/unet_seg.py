@@ -35,8 +35,8 @@ class DecoderBlock(nn.Module):
     if skip is not None:
       x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
     for i in range(2):
-      x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, kernel_init=resnet.CONV_INIT,
-                  dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                  kernel_init=resnet.CONV_INIT, dtype=self.dtype, name=f"conv{i}")(x)
       x = nn.relu(resnet.batch_norm(train, f"bn{i}", self.dtype)(x))
     return x
 

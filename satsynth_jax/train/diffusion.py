@@ -102,9 +102,10 @@ def decode_samples(config, joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return image, mask.astype(np.uint16 if config.data.num_classes > 255 else np.uint8)
 
 
-def sample_grid(config, images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+def sample_grid(config, images: np.ndarray, masks: np.ndarray, title: str):
   d = config.data
-  return np.asarray(viz.pair_grid(images, masks, d.palette, d.ignore_index))
+  return viz.pair_grid(images, masks, d.palette, d.ignore_index, tile_size=max(96, d.image_size),
+                       class_names=d.class_names, title=title)
 
 
 def _preview(config, model, mesh, workdir, writer_enabled: bool):
@@ -119,7 +120,7 @@ def _preview(config, model, mesh, workdir, writer_enabled: bool):
     if writer_enabled:
       images, masks = decode_samples(config, joint[:config.train.num_grid_samples])
       path = os.path.join(workdir, "samples", f"{MODEL_NAME}_step{step:08d}.png")
-      viz.save_png(sample_grid(config, images, masks), path)
+      viz.save_png(sample_grid(config, images, masks, f"{MODEL_NAME}: EMA samples at step {step}"), path)
       logging.info("wrote %s", path)
 
   return preview

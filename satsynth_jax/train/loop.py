@@ -18,15 +18,16 @@ from absl import logging
 from tqdm import tqdm
 
 from satsynth_jax import checkpoint, parallel
+from satsynth_jax.errors import SatSynthError
 from satsynth_jax.metric_writer import MetricWriter
 from satsynth_jax.train.state import TrainState
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(SatSynthError, FloatingPointError):
   """Loss became NaN/inf; the message names the step and the last good checkpoint."""
 
 
-class TrainingInterrupted(RuntimeError):
+class TrainingInterrupted(SatSynthError, RuntimeError):
   """SIGTERM/SIGINT arrived; a checkpoint of the current step was saved first."""
 
 

@@ -12,9 +12,12 @@ import dataclasses
 import pathlib
 from collections.abc import Sequence
 
+import ml_collections
 import numpy as np
 import tifffile
 from PIL import Image
+
+from satsynth_jax.errors import SatSynthError
 
 SPLITS = ("train", "val")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -25,7 +28,12 @@ TIFF_SUFFIXES = (".tif", ".tiff")
 Image.MAX_IMAGE_PIXELS = 5 * 10**8
 
 
-class SourceError(ValueError):
+# rgb_to_classes decodes in row blocks of about this many pixels, which bounds its
+# uint32/int64 temporaries for huge iSAID scenes (~50 MB instead of several GB).
+RGB_BLOCK_PIXELS = 4_000_000
+
+
+class SourceError(SatSynthError, ValueError):
   """A download that cannot be converted; the message names the file and the offending value."""
 
 
@@ -122,6 +130,13 @@ def read_rgb_mask(path: pathlib.Path) -> np.ndarray:
   return array[:, :, :3]
 
 
+def _most_common(names: Sequence[str], counts: np.ndarray, limit: int = 6) -> str:
+  """'a: 40 px, b: 3 px and 9 more': the most frequent offenders first, bounded length."""
+  order = np.argsort(-counts, kind="stable")
+  shown = ", ".join(f"{names[i]}: {counts[i]} px" for i in order[:limit])
+  return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
   """uint8 when every class and the ignore index fit, else uint16 (the record format's two options)."""
   return np.dtype(np.uint8 if max(num_classes - 1, ignore_index) <= 255 else np.uint16)
@@ -129,16 +144,16 @@ def mask_dtype(num_classes: int, ignore_index: int) -> np.dtype:
 
 def index_to_classes(raw: np.ndarray, *, label_offset: int, ignore_raw_values: Sequence[int],
                      num_classes: int, ignore_index: int, path: pathlib.Path) -> np.ndarray:
-  """Raw labels -> classes: add label_offset; ignore_raw_values and ignore_index itself mean no-data."""
+  """Raw labels -> classes: add label_offset; ignore_raw_values, and values landing on ignore_index, are no-data."""
   mapped = raw.astype(np.int64) + label_offset
   no_data = np.isin(raw, np.asarray(ignore_raw_values, dtype=np.int64)) | (mapped == ignore_index)
   bad = ~no_data & ((mapped < 0) | (mapped >= num_classes))
   if bad.any():
     values, counts = np.unique(raw[bad], return_counts=True)
-    listing = ", ".join(f"{v} ({c} px)" for v, c in zip(values.tolist(), counts.tolist()))
+    listing = _most_common([str(v) for v in values.tolist()], counts)
     raise SourceError(
-        f"{path}: raw mask values {listing} fall outside classes 0..{num_classes - 1} after "
-        f"label_offset={label_offset} and are not in ignore_raw_values={tuple(ignore_raw_values)}")
+        f"{path}: raw mask values outside classes 0..{num_classes - 1} after label_offset={label_offset} "
+        f"and not in ignore_raw_values={tuple(ignore_raw_values)}: {listing}")
   mapped[no_data] = ignore_index
   return mapped.astype(mask_dtype(num_classes, ignore_index))
 
@@ -156,8 +171,7 @@ def rgb_to_classes(rgb: np.ndarray, *, palette: Sequence[Sequence[int]], ignore_
   sorted_keys = palette_keys[order]
   classes = np.empty(rgb.shape[:2], dtype=mask_dtype(len(palette), ignore_index))
   unknown = []
-  # Row blocks bound the uint32/int64 temporaries for huge iSAID scenes to ~4M pixels each.
-  rows = max(1, 4_000_000 // max(1, rgb.shape[1]))
+  rows = max(1, RGB_BLOCK_PIXELS // max(1, rgb.shape[1]))
   for top in range(0, rgb.shape[0], rows):
     keys = _rgb_keys(rgb[top:top + rows])
     slot = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
@@ -167,13 +181,12 @@ def rgb_to_classes(rgb: np.ndarray, *, palette: Sequence[Sequence[int]], ignore_
     classes[top:top + rows] = order[slot]
   if unknown:
     keys, counts = np.unique(np.concatenate(unknown), return_counts=True)
-    listing = ", ".join(f"({k >> 16}, {(k >> 8) & 255}, {k & 255}): {c} px"
-                        for k, c in zip(keys.tolist(), counts.tolist()))
+    listing = _most_common([f"({k >> 16}, {(k >> 8) & 255}, {k & 255})" for k in keys.tolist()], counts)
     raise SourceError(f"{path}: {len(keys)} colour(s) not in config.data.palette: {listing}")
   return classes
 
 
-def load_scene(scene: Scene, data) -> tuple[np.ndarray, np.ndarray]:
+def load_scene(scene: Scene, data: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray]:
   """(uint8 image [H, W, 3], class mask [H, W]) of a scene; `data` is config.data."""
   image = read_image(scene.image_path)
   if scene.mask_format == "rgb":

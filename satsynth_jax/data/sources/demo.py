@@ -15,6 +15,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 
+import ml_collections
 import numpy as np
 from skimage import draw, transform
 
@@ -124,16 +125,22 @@ def _trees(rng, size, image, mask) -> None:
 
 def _vehicles(rng, size, image, mask, roads) -> None:
   colors = np.array([[200, 30, 30], [235, 235, 235], [30, 60, 180], [25, 25, 25], [230, 200, 40]], np.float32)
-  count = rng.poisson(0.005 * size * size / 20)  # ~20 px per vehicle -> ~0.5% of the scene
-  for _ in range(count if roads else 0):
+  target = rng.poisson(0.005 * size * size / 19) if roads else 0  # ~19 px per vehicle -> ~0.5% of pixels
+  placed = 0
+  for _ in range(20 * target):  # rejection sampling: most of a road's length lies outside the scene
+    if placed == target:
+      break
     centre, direction, width = roads[rng.integers(len(roads))]
     lane = np.array([-direction[1], direction[0]]) * width / 4 * rng.choice([-1, 1])
-    spot = centre + direction * rng.uniform(-size, size) + lane
+    spot = centre + direction * rng.uniform(-1.5 * size, 1.5 * size) + lane
+    if not np.all((spot >= 0) & (spot < size)):
+      continue
     rows, cols = _band(spot, direction, rng.uniform(5, 7.5), 3.2, size)
     on_road = mask[rows, cols] == ROAD
     rows, cols = rows[on_road], cols[on_road]
     _paint(image, (rows, cols), colors[rng.integers(len(colors))], rng, 8.0)
     mask[rows, cols] = VEHICLE
+    placed += 1
 
 
 def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -152,7 +159,7 @@ def scene_counts(num_train: int) -> dict[str, int]:
   return {"train": num_train, "val": max(2, round(num_train * VAL_SCENES_PER_TRAIN))}
 
 
-def write_source(config, root: pathlib.Path) -> pathlib.Path:
+def write_source(config: ml_collections.ConfigDict, root: pathlib.Path) -> pathlib.Path:
   """Draw the demo scenes (deterministic in config.seed) as `<root>/{train,val}/{images,masks}/*.png`."""
   data = config.data
   if data.num_classes != NUM_CLASSES:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
+
 from satsynth_jax.data.sources import SPLITS, Inventory, Scene, SourceError, describe_names, pair_by_stem, require_dir
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -28,12 +30,11 @@ def _split_scenes(split: str, root: pathlib.Path, mask_format: str, missing: lis
   return [Scene(split, image.stem, image, mask, mask_format) for image, mask in pairs]
 
 
-def find_scenes(source_dir: pathlib.Path, data) -> Inventory:
+def find_scenes(source_dir: pathlib.Path, data: ml_collections.ConfigDict) -> Inventory:
   source_dir = require_dir(source_dir, LAYOUT)
   missing: list[str] = []
   if (source_dir / "images").is_dir():
     scenes = _split_scenes("train", source_dir, data.mask_format, missing)
-    missing.append("val split (flat images/ + masks/ layout)")
     return Inventory(tuple(scenes), tuple(missing))
   split_roots = {split: source_dir / split for split in SPLITS if (source_dir / split / "images").is_dir()}
   if not split_roots:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
+
 from satsynth_jax.data.sources import SPLITS, Inventory, Scene, describe_names, require_dir
 
 MASK_SUFFIX = "_instance_color_RGB"
@@ -15,7 +17,7 @@ OTHER_SUFFIXES = (MASK_SUFFIX, "_instance_id_RGB")
 LAYOUT = "{train,val}/images/<id>.png with <id>_instance_color_RGB.png beside each"
 
 
-def find_scenes(source_dir: pathlib.Path, data) -> Inventory:
+def find_scenes(source_dir: pathlib.Path, data: ml_collections.ConfigDict) -> Inventory:
   del data  # iSAID's layout and mask coding are fixed
   source_dir = require_dir(source_dir, LAYOUT)
   scenes, missing = [], []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
+
 from satsynth_jax.data.sources import Inventory, Scene, describe_names, pair_by_stem, require_dir
 
 SPLIT_DIRS = (("train", "Train"), ("val", "Val"))
@@ -16,7 +18,7 @@ DOMAINS = ("Urban", "Rural")
 LAYOUT = "{Train,Val}/{Urban,Rural}/{images_png,masks_png}/<id>.png"
 
 
-def find_scenes(source_dir: pathlib.Path, data) -> Inventory:
+def find_scenes(source_dir: pathlib.Path, data: ml_collections.ConfigDict) -> Inventory:
   del data  # the label mapping lives in the config; the layout is fixed
   source_dir = require_dir(source_dir, LAYOUT)
   scenes, missing = [], []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pathlib
 
+import ml_collections
+
 from satsynth_jax.data.sources import SPLITS, Inventory, Scene, SourceError, describe_names, require_dir
 
 LAYOUT = "<region>/images/<name>.tif, <region>/labels/<name>.tif and train.txt / val.txt"
@@ -29,7 +31,7 @@ def _index(source_dir: pathlib.Path, kind: str) -> dict[str, pathlib.Path]:
   return found
 
 
-def find_scenes(source_dir: pathlib.Path, data) -> Inventory:
+def find_scenes(source_dir: pathlib.Path, data: ml_collections.ConfigDict) -> Inventory:
   del data
   source_dir = require_dir(source_dir, LAYOUT)
   images, labels = _index(source_dir, "images"), _index(source_dir, "labels")

@@ -8,7 +8,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["satsynth_jax", "satsynth_jax.*"]),
+    # configs/ ships too, so config files can `from configs import default` from any directory.
+    packages=find_packages(include=["satsynth_jax", "satsynth_jax.*", "configs"]),
     install_requires=[
         "jax>=0.7,<0.11",
         "flax>=0.11,<0.13",
@@ -25,6 +26,7 @@ setup(
         "crc32c>=2.4,<3",
         "tifffile>=2024.1",
         "tqdm>=4.66,<5",
+        "etils[epath]>=1.5",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],

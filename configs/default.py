@@ -47,6 +47,7 @@ def get_config():
   f.beta_start = 1e-4  # (paper) linear schedule
   f.beta_end = 2e-2  # (paper)
   f.prediction = "eps"  # eps (paper) | x0 (ablation)
+  f.joint_labels = True  # False: Table 1's image-only DDPM baseline (same U-Net, no label channels)
 
   # ---- training G (DDPM defaults) ----
   c.train = t = ml_collections.ConfigDict()
@@ -75,6 +76,8 @@ def get_config():
   s.batch_size = 64  # global, split over all devices
   s.checkpoint_step = -1  # -1: latest checkpoint of G
   s.examples_per_shard = 256
+  s.super_resolve = False  # cascade: G's pairs through G_SR (train_sr) to sr.image_size
+  s.sr_checkpoint_step = -1  # -1: latest checkpoint of G_SR
 
   # ---- the segmenter trained on D (R=0) or D u D' (paper: FPN with a ResNet-50) ----
   d.synthetic_ratio = 0  # R used by the segmenter: R x |D| synthetic pairs join training; 0 = real only
@@ -100,4 +103,16 @@ def get_config():
   st.keep_checkpoints = 2
   st.sample_every = 0
   g.eval_batch_size = 16
+
+  # ---- G_SR: super-resolution DDPM, data.image_size -> sr.image_size, conditioned on the
+  # upsampled low-resolution pair; its noise schedule is config.diffusion's ----
+  c.sr = r = ml_collections.ConfigDict()
+  r.image_size = 256  # (paper) 128 -> 256; a multiple of data.image_size
+  r.model = rm = ml_collections.ConfigDict()  # DDPM 256 px layout
+  rm.ch = 128
+  rm.ch_mult = (1, 1, 2, 2, 4, 4)
+  rm.num_res_blocks = 2
+  rm.attn_resolutions = (16,)
+  rm.dropout = 0.0
+  r.train = ml_collections.ConfigDict(t.to_dict())  # G's training defaults, tuned separately
   return c

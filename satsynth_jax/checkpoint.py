@@ -24,9 +24,15 @@ def checkpoint_dir(workdir: str, model: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints", model)
 
 
-def manager(directory: str, max_to_keep: int | None = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only, read_only=read_only)
+def manager(directory: str, max_to_keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:
+  """create=False for readers (sampling, evaluation): a missing folder is not made."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create)
   return ocp.CheckpointManager(directory, options=options)
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest finished step in `directory`, None when there is none (or no folder)."""
+  return manager(directory, create=False).latest_step() if os.path.isdir(directory) else None
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None, meta: dict | None = None) -> None:
@@ -64,3 +70,17 @@ def restore(mngr: ocp.CheckpointManager, state_like, step: int | None = None, da
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = mngr.restore(step, args=ocp.args.Composite(**items))
   return restored["state"], restored["meta"]
+
+
+def restore_for_inference(workdir: str, model: str, init_fn, mesh, step: int | None = None):
+  """(TrainState replicated on `mesh`, step) of checkpoints/<model>/ at `step` (latest if None/-1).
+
+  `init_fn(rng) -> TrainState` only supplies shapes (jax.eval_shape); nothing is initialised.
+  """
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          jax.eval_shape(init_fn, jax.random.key(0)))
+  mngr = manager(checkpoint_dir(workdir, model), create=False)
+  step = resolve_step(mngr, step)
+  state, _ = restore(mngr, abstract, step)
+  return state, step

@@ -46,6 +46,10 @@ def validate(config) -> None:
            f"must be one of {labels.ENCODINGS}")
   _require(0 <= d.ignore_fill_class < k, "data.ignore_fill_class", d.ignore_fill_class, f"must be a class in [0, {k})")
   _require(config.dtype in DTYPES, "dtype", config.dtype, f"must be one of {DTYPES}")
+  _require(d.synthetic_ratio >= 0, "data.synthetic_ratio", d.synthetic_ratio, "must be >= 0 (0: real data only)")
+  _require(0.0 <= d.synthetic_fraction <= 1.0, "data.synthetic_fraction", d.synthetic_fraction, "must be in [0, 1]")
+  _require(config.segmentation.model in ("fpn", "unet"), "segmentation.model", config.segmentation.model,
+           "must be 'fpn' or 'unet'")
   if "model" in config:
     levels = len(config.model.ch_mult)
     factor = 2 ** (levels - 1)

@@ -2,6 +2,7 @@
 
 Every job reads its inputs from and writes its outputs under --workdir (DESIGN.md).
 Config overrides use ml_collections syntax: `--config.data.patch_size=128`.
+Several hosts: every job but `prepare` joins a jax.distributed run first (satsynth_jax/distributed.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,28 @@ from satsynth_jax.errors import SatSynthError
 # mode -> "module:function(config, workdir)"; imported lazily so `prepare` stays light.
 MODES = {
     "prepare": "satsynth_jax.data.prepare:run",
+    "train_segmentation": "satsynth_jax.train.segmentation:run",
+    "evaluate": "satsynth_jax.evaluate:run",
+    "train_diffusion": "satsynth_jax.train.diffusion:run",
+    "train_sr": "satsynth_jax.train.super_resolution:run",
+    "sample": "satsynth_jax.sample:run",
+    "train_metric_encoder": "satsynth_jax.sample_quality:train_metric_encoder",
+    "evaluate_samples": "satsynth_jax.sample_quality:run",
+    "pipeline": "satsynth_jax.experiment:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 _MODE = flags.DEFINE_string("mode", None, f"Job to run: one of {', '.join(MODES)}.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "Join a multi-process jax.distributed run: auto (when settings or a multi-host "
+                                 "TPU slice are found), on (always; JAX detects TPU/SLURM clusters), off.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 (default: env SATSYNTH_COORDINATOR).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in the run, one per host (default: env SATSYNTH_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process, 0..num_processes-1 (default: env SATSYNTH_PROCESS_ID).")
 
 
 def fail(message: str) -> None:
@@ -71,6 +89,13 @@ def main(argv):
     fail(" ".join(str(e).split())[:300])
   except config_check.ConfigError as e:
     fail(str(e))
+  if _MODE.value != "prepare":  # prepare writes the records once, from a single process
+    from satsynth_jax import distributed  # imports jax: kept off prepare's path
+    try:
+      distributed.initialize(distributed.resolve(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                                                 _PROCESS_ID.value))
+    except distributed.DistributedConfigError as e:
+      fail(str(e))
   module_name, fn_name = MODES[_MODE.value].split(":")
   job = getattr(importlib.import_module(module_name), fn_name)
   logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
@@ -46,5 +47,22 @@ def to_global(host_batch, mesh: Mesh):
 
 
 def to_host(tree):
-  """Fully replicated or fully addressable arrays -> NumPy (for logging and writing)."""
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+  """Arrays -> NumPy holding their global value on every process (for logging and writing).
+
+  Replicated (metrics) and single-process arrays are copied from a local device. A batch
+  sharded over several processes (e.g. preview samples) is gathered from all of them: that
+  is a collective, so every process must call to_host on it, as every process ran the step.
+  """
+
+  def fetch(x):
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  return jax.tree.map(fetch, tree)
+
+
+def barrier(name: str) -> None:
+  """Returns once every process has reached the barrier `name`; a no-op with one process."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)

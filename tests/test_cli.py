@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from satsynth_jax.main import MODES
 
 
 def run_cli(*args, workdir="unused"):
@@ -24,7 +25,7 @@ def run_cli(*args, workdir="unused"):
          "--config.data.patch_size=abc"),
         (["--config=configs/demo.py", "--mode=prepare", "--config.data.label_encoding=gray"],
          "config.data.label_encoding='gray'"),
-        (["--config=configs/demo.py", "--mode=fly"], "unknown --mode='fly'; available modes: prepare"),
+        (["--config=configs/demo.py", "--mode=fly"], f"unknown --mode='fly'; available modes: {', '.join(MODES)}"),
         (["--config=configs/nope.py", "--mode=prepare"], "configs/nope.py"),
         (["--mode=prepare"], "--config is required"),
     ],

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from conftest import load_config
 from satsynth_jax import parallel, sample
 from satsynth_jax.data import prepare, records
-from satsynth_jax.train import diffusion
+from satsynth_jax.train import diffusion, super_resolution
 
 TINY = {
     "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (8,),
@@ -99,3 +100,37 @@ def test_sampling_refuses_a_directory_made_with_other_settings(trained):
   config.sample.per_real = 3
   with pytest.raises(ValueError, match=r"per_real: 2 -> 3"):
     sample.run(config, workdir)
+
+
+def test_cascade_sampling_writes_super_resolved_records_and_a_side_by_side_grid(trained):
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  config.sr.image_size = 32
+  config.sr.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+  config.sr.train.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2, sample_every=0)
+  config.sample.super_resolve = True
+  config.sample.per_real = 1
+  super_resolution.run(config, workdir)
+  cascade_workdir = workdir + "_cascade"
+  shutil.copytree(workdir, cascade_workdir, ignore=shutil.ignore_patterns("synthetic*"))
+  sample.run(config, cascade_workdir)
+  manifest = records.read_manifest(sample.synthetic_dir(cascade_workdir))
+  assert manifest["super_resolution_step"] == 2 and manifest["image_size"] == 32
+  pair = records.PairSource(sample.synthetic_dir(cascade_workdir))[0]
+  assert pair["image"].shape == (32, 32, 3) and pair["mask"].shape == (32, 32)
+  assert os.path.exists(os.path.join(cascade_workdir, "samples", "cascade_grid.png"))
+
+
+def test_image_only_baseline_trains_without_label_channels_and_writes_blank_masks(trained):
+  config, workdir = trained
+  config = copy.deepcopy(config)
+  config.diffusion.joint_labels = False
+  config.train.num_steps = 2
+  config.sample.per_real = 1
+  state = diffusion.run(config, workdir)
+  assert state.params["conv_in"]["kernel"].shape[2] == 3  # RGB only
+  sample.run(config, workdir)
+  out = sample.synthetic_dir(workdir, joint_labels=False)
+  assert out.endswith("synthetic_image_only")
+  pair = records.PairSource(out)[0]
+  assert (pair["mask"] == config.data.ignore_index).all()

@@ -1,6 +1,7 @@
 """grain input pipelines: record pairs -> model-size, augmented, per-process numpy batches.
 
-Public API (`batch_size` is always the batch of one JAX process):
+Public API (`batch_size` is always the batch of one JAX process; record folders are local
+paths or bucket URLs such as gs://bucket/records/train, read through records.as_path):
 
   pairs(source, config, *, seed, train, process_index=None, process_count=None) -> grain.MapDataset
       This process's decoded pairs at model size S = config.data.image_size:
@@ -16,9 +17,10 @@ Public API (`batch_size` is always the batch of one JAX process):
       Endless {"x": float32[B, S, S, 3 + C] in [-1, 1]}: the image and the label code
       (labels.encode_pair, data.label_encoding); no-data pixels become data.ignore_fill_class.
   segmentation_batches(config, real_dir, synthetic_dir=None, *, batch_size, seed, train,
-                       synthetic_fraction=0.5, ...) -> grain.IterDataset
+                       synthetic_fraction=0.5, synthetic_count=None, ...) -> grain.IterDataset
       {"image": float32[B, S, S, 3] in [0, 1], "mask": int32[B, S, S] (data.ignore_index kept),
-      "is_synthetic": bool[B]}. train: endless, real mixed with synthetic_dir (if any). eval: one ordered pass
+      "is_synthetic": bool[B]}. train: endless, real mixed with synthetic_dir (if any; only its
+      first synthetic_count pairs when given). eval: one ordered pass
       over real_dir plus "valid": bool[B]; the last batch is padded (valid=False, mask all
       ignore_index) so that every process yields the same number of batches and each example
       is seen exactly once over all processes.
@@ -131,6 +133,7 @@ def segmentation_batches(
     seed: int,
     train: bool,
     synthetic_fraction: float = 0.5,
+    synthetic_count: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
@@ -153,6 +156,10 @@ def segmentation_batches(
     ds = real_ds.map(functools.partial(_tag, is_synthetic=False))
   else:
     synthetic = _open(synthetic_dir, config)
+    if synthetic_count is not None:  # a prefix: a run asking for fewer pairs uses a subset of the same ones
+      if not 0 < synthetic_count <= len(synthetic):
+        raise ValueError(f"synthetic_count={synthetic_count}: {synthetic_dir} holds {len(synthetic)} pairs")
+      synthetic = grain.MapDataset.source(synthetic)[:synthetic_count]
     synthetic_ds = pairs(synthetic, config, seed=_stream_seed(seed, _SYNTHETIC_STREAM), train=True, **shard)
     # Mixing after sharding keeps the ratio on every process (a strided slice of an
     # interleaved stream could hand one process only real and another only synthetic data).

@@ -7,6 +7,11 @@ start offsets, so a grain RandomAccessDataSource can shuffle globally.
 
 Masks are stored by class count: uint8 PNG ("L", ignore 255) when K <= 255, else
 uint16 PNG ("I;16", ignore 65535). Images are RGB uint8 PNG.
+
+Where records live: readers (read_manifest, PairSource, iter_records, shard_entry) take a
+local path or a bucket URL such as gs://bucket/records/train (any etils.epath filesystem;
+gs:// needs gcsfs or TensorFlow installed). Local paths read with os.pread; URLs and
+epath.Path objects go through epath file handles. Writers need a local or mounted folder.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import os
 import pathlib
 import struct
 import threading
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import crc32c
 import numpy as np
+from etils import epath
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
@@ -47,6 +53,26 @@ class Pair:
   id: str  # unique within the split
   source: str  # dataset name or "synthetic:<checkpoint step>"
   num_classes: int
+
+
+def as_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
+  """Local paths as pathlib.Path; URLs (gs://bucket/dir, s3://...) and epath.Path objects as epath.Path."""
+  if isinstance(path, epath.Path) or "://" in os.fspath(path):
+    return epath.Path(path)
+  return pathlib.Path(path)
+
+
+def _local_for_writing(path: str | os.PathLike) -> pathlib.Path:
+  path = as_path(path)
+  if not isinstance(path, pathlib.Path):
+    raise ValueError(f"{path}: records are written to a local or mounted folder (writes are atomic renames); "
+                     f"copy the folder to the bucket afterwards, e.g. gcloud storage cp -r DIR gs://BUCKET/")
+  return path
+
+
+def _size(path: pathlib.Path | epath.Path) -> int:
+  stat = path.stat()
+  return stat.st_size if isinstance(path, pathlib.Path) else stat.length
 
 
 def ignore_value(num_classes: int) -> int:
@@ -198,7 +224,7 @@ def _unframe_body(body: bytes, length: int, where: str) -> bytes:
 
 def iter_records(path: str | os.PathLike) -> Iterator[bytes]:
   """The CRC-checked records of any TFRecord file in order (no index needed)."""
-  with open(path, "rb") as file:
+  with as_path(path).open("rb") as file:
     for index in itertools.count():
       header = file.read(_HEADER.size)
       if not header:
@@ -212,7 +238,7 @@ def shard_filename(index: int) -> str:
   return f"shard-{index:05d}.tfrecord"
 
 
-def _index_path(shard: pathlib.Path) -> pathlib.Path:
+def _index_path(shard: pathlib.Path | epath.Path) -> pathlib.Path | epath.Path:
   return shard.with_name(shard.name + ".index")
 
 
@@ -222,7 +248,7 @@ def _class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
   """Writes a shard and its index atomically (index renamed first); returns its manifest entry."""
-  path = pathlib.Path(path)
+  path = _local_for_writing(path)
   offsets, class_pixels = [], None
 
   def write(file) -> None:
@@ -253,18 +279,18 @@ def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
 
 def shard_record_count(path: str | os.PathLike) -> int:
   """Records in a finished shard, from its index; 0 if the shard is absent (not yet written)."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   if not path.is_file():
     return 0
   # The index is renamed into place before its shard, so a present shard has a full index.
   if not (index := _index_path(path)).is_file():
     raise RecordError(f"{index} is missing although {path} exists")
-  return index.stat().st_size // 8
+  return _size(index) // 8
 
 
 def shard_entry(path: str | os.PathLike) -> dict:
   """The manifest entry of a shard already on disk (e.g. a resumed job), recounting its masks."""
-  path = pathlib.Path(path)
+  path = as_path(path)
   class_pixels, count = None, 0
   for count, data in enumerate(iter_records(path), start=1):
     try:
@@ -294,7 +320,7 @@ def write_manifest(directory: str | os.PathLike, shards: list[dict], *, num_clas
               "shards": shards, "class_pixels": class_pixels.tolist()}
   if clash := manifest.keys() & meta.keys():
     raise ValueError(f"meta keys {sorted(clash)} are reserved manifest keys")
-  atomic.write_json(pathlib.Path(directory) / MANIFEST, manifest | meta)
+  atomic.write_json(_local_for_writing(directory) / MANIFEST, manifest | meta)
 
 
 def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_classes: int,
@@ -303,7 +329,7 @@ def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_cl
   """Streams pairs into shards of examples_per_shard, writes the manifest, returns it (verified)."""
   if examples_per_shard < 1:
     raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
-  directory = pathlib.Path(directory)
+  directory = _local_for_writing(directory)
   directory.mkdir(parents=True, exist_ok=True)
   # The manifest comes first, so a crash mid-way leaves a directory that readers refuse.
   old_files = [directory / MANIFEST] if (directory / MANIFEST).exists() else []
@@ -336,7 +362,7 @@ def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_cl
 
 def read_manifest(directory: str | os.PathLike) -> dict:
   """The manifest, after checking it against the shards and indexes on disk."""
-  directory = pathlib.Path(directory)
+  directory = as_path(directory)
   path = directory / MANIFEST
   try:
     manifest = json.loads(path.read_text())
@@ -357,7 +383,7 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     for required in (shard_path, index_path):
       if not required.is_file():
         raise RecordError(f"{required} is listed in {path} but missing")
-    if (size := index_path.stat().st_size) != 8 * shard["count"]:
+    if (size := _size(index_path)) != 8 * shard["count"]:
       raise RecordError(f"{index_path} holds {size} bytes ({size / 8:g} offsets) but {path} "
                         f"lists {shard['count']} records for {shard['file']}")
   if manifest["num_examples"] != sum(shard["count"] for shard in manifest["shards"]):
@@ -365,32 +391,13 @@ def read_manifest(directory: str | os.PathLike) -> dict:
   return manifest
 
 
-class PairSource:
-  """grain RandomAccessDataSource over a record directory: global index -> parsed pair.
+class _LocalShards:
+  """Record bytes of local shards: os.pread on lazily opened fds, so threads share no file offset."""
 
-  Picklable (grain ships it to worker processes): file descriptors open lazily and are
-  dropped on pickling. Thread-safe: reads use os.pread, so there is no shared file offset.
-  """
-
-  def __init__(self, directory: str | os.PathLike):
-    self.directory = pathlib.Path(directory)
-    self.manifest = read_manifest(self.directory)
-    self.num_classes = self.manifest["num_classes"]
-    self._paths = [self.directory / shard["file"] for shard in self.manifest["shards"]]
-    self._offsets = [np.fromfile(_index_path(p), dtype="<u8") for p in self._paths]
-    self._ends = np.cumsum([len(offsets) for offsets in self._offsets], dtype=np.int64)
-    self._reset_files()
-
-  def _reset_files(self) -> None:
-    self._files: list[tuple[int, int] | None] = [None] * len(self._paths)  # (fd, size)
+  def __init__(self, paths: list[pathlib.Path]):
+    self._paths = paths
+    self._files: list[tuple[int, int] | None] = [None] * len(paths)  # (fd, size)
     self._lock = threading.Lock()
-
-  def __getstate__(self) -> dict:
-    return {k: v for k, v in self.__dict__.items() if k not in ("_files", "_lock")}
-
-  def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state)
-    self._reset_files()
 
   def _file(self, shard: int) -> tuple[int, int]:
     with self._lock:
@@ -399,6 +406,11 @@ class PairSource:
         self._files[shard] = (fd, os.fstat(fd).st_size)
       return self._files[shard]
 
+  def read(self, shard: int, start: int, end: int | None) -> bytes:
+    """Bytes start..end of the shard (end None: to the end of the file)."""
+    fd, size = self._file(shard)
+    return os.pread(fd, max((size if end is None else end) - start, 0), start)
+
   def close(self) -> None:
     with self._lock:
       for entry in self._files:
@@ -406,9 +418,69 @@ class PairSource:
           os.close(entry[0])
       self._files = [None] * len(self._paths)
 
+
+class _EpathShards:
+  """Record bytes of shards on gs:// or any etils.epath filesystem, through its file handles.
+
+  One handle per shard, opened lazily; a lock per shard guards its seek + read, so threads
+  reading different shards (the common case under a global shuffle) run in parallel.
+  """
+
+  def __init__(self, paths: list[epath.Path]):
+    self._paths = paths
+    self._files: list[Any] = [None] * len(paths)
+    self._locks = [threading.Lock() for _ in paths]
+
+  def read(self, shard: int, start: int, end: int | None) -> bytes:
+    with self._locks[shard]:
+      if self._files[shard] is None:
+        self._files[shard] = self._paths[shard].open("rb")
+      file = self._files[shard]
+      file.seek(start)
+      return file.read() if end is None else file.read(max(end - start, 0))
+
+  def close(self) -> None:
+    for shard, lock in enumerate(self._locks):
+      with lock:
+        if self._files[shard] is not None:
+          self._files[shard].close()
+          self._files[shard] = None
+
+
+class PairSource:
+  """grain RandomAccessDataSource over a record directory: global index -> parsed pair.
+
+  `directory` is local (read with os.pread) or a URL such as gs://bucket/records/train
+  (read through etils.epath), see the module docstring. Picklable (grain ships it to worker
+  processes): files open lazily and are dropped on pickling. Thread-safe.
+  """
+
+  def __init__(self, directory: str | os.PathLike):
+    self.directory = as_path(directory)
+    self.manifest = read_manifest(self.directory)
+    self.num_classes = self.manifest["num_classes"]
+    self._paths = [self.directory / shard["file"] for shard in self.manifest["shards"]]
+    self._offsets = [np.frombuffer(_index_path(p).read_bytes(), dtype="<u8") for p in self._paths]
+    self._ends = np.cumsum([len(offsets) for offsets in self._offsets], dtype=np.int64)
+    self._reset_files()
+
+  def _reset_files(self) -> None:
+    local = isinstance(self.directory, pathlib.Path)
+    self._shards = _LocalShards(self._paths) if local else _EpathShards(self._paths)
+
+  def __getstate__(self) -> dict:
+    return {k: v for k, v in self.__dict__.items() if k != "_shards"}
+
+  def __setstate__(self, state: dict) -> None:
+    self.__dict__.update(state)
+    self._reset_files()
+
+  def close(self) -> None:
+    self._shards.close()
+
   def __del__(self):
-    # At interpreter exit module globals (os) may already be gone; the OS closes fds anyway.
-    if hasattr(self, "_files") and os is not None and getattr(os, "close", None) is not None:
+    # At interpreter exit module globals (os) may already be gone; the OS closes files anyway.
+    if hasattr(self, "_shards") and os is not None and getattr(os, "close", None) is not None:
       self.close()
 
   def __len__(self) -> int:
@@ -420,17 +492,16 @@ class PairSource:
       raise IndexError(f"index {index} out of range for {len(self)} pairs in {self.directory}")
     shard = int(np.searchsorted(self._ends, index, side="right"))
     local = index - (int(self._ends[shard - 1]) if shard else 0)
-    fd, size = self._file(shard)
     offsets = self._offsets[shard]
     start = int(offsets[local])
-    end = int(offsets[local + 1]) if local + 1 < len(offsets) else size
+    end = int(offsets[local + 1]) if local + 1 < len(offsets) else None
     where = f"{self._paths[shard]}: record {local}"
-    record = os.pread(fd, max(end - start, 0), start)
+    record = self._shards.read(shard, start, end)
     length = _unframe_header(record[:_HEADER.size], where)
     data = _unframe_body(record[_HEADER.size:], length, where)
     if len(record) != _HEADER.size + length + _FOOTER.size:
       raise RecordError(f"{where}: record spans {len(record)} bytes but its index slot "
-                        f"{start}..{end} disagrees (stale index or trailing bytes)")
+                        f"{start}..{'end of file' if end is None else end} disagrees (stale index or trailing bytes)")
     try:
       return parse_pair(data)
     except RecordError as e:

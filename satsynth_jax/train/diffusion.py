@@ -22,10 +22,14 @@ from satsynth_jax.models.unet import UNet, unet_from_config
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
 
-MODEL_NAME = "diffusion"  # <workdir>/checkpoints/diffusion/
+def model_name(config) -> str:
+  """Checkpoint folder under <workdir>/checkpoints/: the joint model, or Table 1's image-only baseline."""
+  return "diffusion" if config.diffusion.joint_labels else "diffusion_image_only"
 
 
 def joint_channels(config) -> int:
+  if not config.diffusion.joint_labels:
+    return 3
   return 3 + labels.num_label_channels(config.data.num_classes, config.data.label_encoding)
 
 
@@ -64,11 +68,12 @@ def train_step(state: TrainState, batch, *, model: UNet, sched: schedule.Schedul
                                    prediction=prediction, train=True)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  image_loss = jnp.mean(aux["loss_per_channel"][:3])
-  label_loss = jnp.mean(aux["loss_per_channel"][3:])
-  metrics = {"loss": loss, "loss_image": image_loss, "loss_label": label_loss,
+  per_channel = aux["loss_per_channel"]
+  metrics = {"loss": loss, "loss_image": jnp.mean(per_channel[:3]),
              "grad_norm": optax.tree.norm(grads),
              "lr": lr_schedule(state.step)}
+  if per_channel.shape[0] > 3:
+    metrics["loss_label"] = jnp.mean(per_channel[3:])
   return state.apply_gradients(grads), metrics
 
 
@@ -97,9 +102,16 @@ def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
 
 
 def decode_samples(config, joint: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Joint samples in [-1, 1] -> (uint8 images, class masks) via the nearest valid label code."""
+  """Joint samples in [-1, 1] -> (uint8 images, class masks) via the nearest valid label code.
+
+  The image-only baseline has no label channels: its masks are all no-data.
+  """
+  dtype = np.uint16 if config.data.num_classes > 255 else np.uint8
+  if not config.diffusion.joint_labels:
+    image = np.round(labels.from_signed(np.asarray(joint)) * 255.0).astype(np.uint8)
+    return image, np.full(image.shape[:-1], config.data.ignore_index, dtype)
   image, mask = labels.decode_pair(np.asarray(joint), config.data.num_classes, config.data.label_encoding)
-  return image, mask.astype(np.uint16 if config.data.num_classes > 255 else np.uint8)
+  return image, mask.astype(dtype)
 
 
 def sample_grid(config, images: np.ndarray, masks: np.ndarray, title: str):
@@ -119,11 +131,19 @@ def _preview(config, model, mesh, workdir, writer_enabled: bool):
     joint = parallel.to_host(generate(state.eval_params, jax.random.key(config.seed)))
     if writer_enabled:
       images, masks = decode_samples(config, joint[:config.train.num_grid_samples])
-      path = os.path.join(workdir, "samples", f"{MODEL_NAME}_step{step:08d}.png")
-      viz.save_png(sample_grid(config, images, masks, f"{MODEL_NAME}: EMA samples at step {step}"), path)
+      name = model_name(config)
+      path = os.path.join(workdir, "samples", f"{name}_step{step:08d}.png")
+      viz.save_png(sample_grid(config, images, masks, f"{name}: EMA samples at step {step}"), path)
       logging.info("wrote %s", path)
 
   return preview
+
+
+def _batches(config, real_dir: str, batch: int):
+  batches = pipeline.diffusion_batches(config, real_dir, batch_size=batch, seed=config.seed)
+  if not config.diffusion.joint_labels:  # image-only baseline: drop the label channels
+    batches = batches.map(lambda b: {"x": b["x"][..., :3]})
+  return iter(batches)
 
 
 def make_task(config, workdir: str, mesh) -> loop.Task:
@@ -133,16 +153,16 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   real_dir = os.path.join(workdir, "data", "train")
   batch = parallel.per_process_batch_size(config.train.batch_size, "train.batch_size", mesh)
   return loop.Task(
-      name=MODEL_NAME,
+      name=model_name(config),
       init=functools.partial(init_state, config, model),
       step=functools.partial(train_step, model=model, sched=sched, prediction=config.diffusion.prediction,
                              lr_schedule=lr_schedule),
-      make_batches=lambda: iter(pipeline.diffusion_batches(config, real_dir, batch_size=batch, seed=config.seed)),
+      make_batches=functools.partial(_batches, config, real_dir, batch),
       preview=_preview(config, model, mesh, workdir, jax.process_index() == 0),
   )
 
 
-def run(config, workdir: str) -> None:
+def run(config, workdir: str) -> TrainState:
   """--mode=train_diffusion: train G on <workdir>/data/train, resuming from its last checkpoint."""
   mesh = parallel.make_mesh()
-  loop.train(make_task(config, workdir, mesh), config.train, workdir, seed=config.seed, mesh=mesh)
+  return loop.train(make_task(config, workdir, mesh), config.train, workdir, seed=config.seed, mesh=mesh)

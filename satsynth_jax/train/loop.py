@@ -72,13 +72,16 @@ def train(task: Task, t, workdir: str, *, seed: int, mesh: jax.sharding.Mesh | N
   replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   is_writer = jax.process_index() == 0
 
-  state = jax.jit(task.init, out_shardings=replicated)(jax.random.key(seed))
   batches = task.make_batches()
   ckpt_dir = checkpoint.checkpoint_dir(workdir, task.name)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=t.keep_checkpoints)
-  if mngr.latest_step() is not None:
-    state, _ = checkpoint.restore(mngr, state, data_iter=batches)
+  if mngr.latest_step() is not None:  # restore into shapes only: no init to compile or run
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                            jax.eval_shape(task.init, jax.random.key(seed)))
+    state, _ = checkpoint.restore(mngr, abstract, data_iter=batches)
     logging.info("%s: resumed from step %d (%s)", task.name, int(state.step), ckpt_dir)
+  else:
+    state = jax.jit(task.init, out_shardings=replicated)(jax.random.key(seed))
   step_fn = jax.jit(task.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
                     donate_argnums=0)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
 OPTIMIZERS = ("adam", "adamw")
@@ -30,7 +31,9 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
   if t.optimizer == "adam":
     opt = optax.adam(schedule)
   elif t.optimizer == "adamw":
-    opt = optax.adamw(schedule, weight_decay=t.weight_decay)
+    # Decay kernels only: decaying BatchNorm/GroupNorm scales and biases hurts and is unusual.
+    opt = optax.adamw(schedule, weight_decay=t.weight_decay,
+                      mask=lambda params: jax.tree.map(lambda p: p.ndim > 1, params))
   else:
     raise ValueError(f"train.optimizer={t.optimizer!r}: must be one of {OPTIMIZERS}")
   if t.grad_clip > 0:

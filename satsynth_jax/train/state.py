@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import struct
 
@@ -22,7 +23,7 @@ class TrainState(struct.PyTreeNode):
   @classmethod
   def create(cls, params, tx, rng, ema_decay: float, batch_stats=None) -> "TrainState":
     return cls(
-        step=jax.numpy.zeros((), jax.numpy.int32),
+        step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         ema_params=params if ema_decay > 0 else None,
@@ -40,7 +41,10 @@ class TrainState(struct.PyTreeNode):
     params = optax.apply_updates(self.params, updates)
     ema = self.ema_params
     if ema is not None:
-      ema = optax.incremental_update(params, ema, step_size=1.0 - self.ema_decay)
+      # Warm-up (as TF's ExponentialMovingAverage with num_updates): early on the average
+      # follows the params closely, so short runs do not sample from near-initial weights.
+      decay = jnp.minimum(self.ema_decay, (1.0 + self.step) / (10.0 + self.step))
+      ema = optax.incremental_update(params, ema, step_size=1.0 - decay)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema_params=ema, **changes)
 
   @property

@@ -1,0 +1,194 @@
+"""Sample quality as the paper scores it, plus label fidelity: `--mode=train_metric_encoder`, `--mode=evaluate_samples`.
+
+The metric encoder is the paper's ResNet-50 U-Net segmenter (models/unet_seg.py) trained on
+the real train split only, in its own run `checkpoints/metric_encoder/`, apart from the
+segmentation experiments. Its features replace Inception (metrics/fid.py):
+
+  FID, sFID  synthetic images against the real *train* split, the distribution the generator
+             was trained to reproduce (as DDPM papers score against their training set).
+  IS         of the synthetic images, from the encoder's per-image class distributions.
+  label fidelity (not in the paper)  the encoder segments the synthetic images and its
+             predictions are scored against the synthetic masks (mIoU, per-class IoU): high
+             when the generated masks describe the generated images. Undefined (null) for
+             a set without labelled pixels, e.g. an image-only baseline's all-ignore masks.
+
+Every image is viewed as the segmenter sees it: `data.image_size`, through the eval pipeline
+(resized or centre-cropped as `data.resize` says), so 256 px super-resolved samples are
+scored at the same size as the real patches.
+
+Scores depend on the encoder's weights, so every JSON names them,
+"metric_encoder@<step>:<sha256 of the weights>": compare numbers only when that id matches.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import re
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import numpy as np
+from flax import traverse_util
+
+from satsynth_jax import atomic, checkpoint, evaluate, parallel, sample, viz
+from satsynth_jax.data import pipeline, records
+from satsynth_jax.errors import SatSynthError
+from satsynth_jax.metrics import fid
+from satsynth_jax.metrics import segmentation as seg_metrics
+from satsynth_jax.train import loop, segmentation
+
+METRIC_ENCODER = "metric_encoder"  # its checkpoint folder and metrics prefix
+IS_SPLITS = 10  # the usual protocol; fewer when there are fewer images than that
+
+Extractor = Callable[[dict, jax.Array], dict[str, jax.Array]]
+
+
+class TooFewImagesError(SatSynthError, ValueError):
+  """A record folder holds fewer than the 2 images a covariance needs; the message names it."""
+
+
+def metric_encoder_config(config):
+  """`config` with the metric network's settings: the U-Net head, trained on real data only (R=0)."""
+  encoder_config = config.copy_and_resolve_references()
+  encoder_config.segmentation.model = "unet"
+  encoder_config.data.synthetic_ratio = 0
+  return encoder_config
+
+
+def train_metric_encoder(config, workdir: str) -> None:
+  """--mode=train_metric_encoder: train (or resume) the metric encoder with segmentation.train."""
+  encoder_config = metric_encoder_config(config)
+  mesh = parallel.make_mesh()
+  task = segmentation.make_task(encoder_config, workdir, mesh, name=METRIC_ENCODER)
+  loop.train(task, encoder_config.segmentation.train, workdir, seed=config.seed, mesh=mesh)
+
+
+def weights_id(variables, step: int) -> str:
+  """"metric_encoder@<step>:<first 12 hex digits of sha256 over every weight's path and bytes>"."""
+  digest = hashlib.sha256()
+  for path, value in sorted(traverse_util.flatten_dict(parallel.to_host(variables), sep="/").items()):
+    value = np.ascontiguousarray(value)
+    digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
+    digest.update(value.tobytes())
+  return f"{METRIC_ENCODER}@{step}:{digest.hexdigest()[:12]}"
+
+
+def restore_metric_encoder(config, workdir: str, mesh) -> tuple[nn.Module, dict, int]:
+  """(model, replicated {"params", "batch_stats"}, step) of the latest metric encoder checkpoint."""
+  if checkpoint.latest_step(checkpoint.checkpoint_dir(workdir, METRIC_ENCODER)) is None:
+    raise checkpoint.CheckpointNotFoundError(
+        f"no metric encoder in {checkpoint.checkpoint_dir(workdir, METRIC_ENCODER)}: "
+        "run --mode=train_metric_encoder first")
+  return segmentation.restore_variables(metric_encoder_config(config), workdir, mesh, name=METRIC_ENCODER)
+
+
+def make_extractor(model: nn.Module, mesh) -> Extractor:
+  """fid.extract_features of `model` jitted once: replicated weights, images sharded on the batch axis."""
+  return jax.jit(functools.partial(fid.extract_features, model.apply),
+                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                 out_shardings=parallel.batch_sharding(mesh))
+
+
+def accumulate_features(config, extract: Extractor, variables, record_dir: str, mesh) -> fid.FeatureAccumulator:
+  """Encoder features of every image of `record_dir`, one ordered pass; the padding rows are dropped."""
+  num_examples = records.read_manifest(record_dir)["num_examples"]
+  if num_examples < 2:
+    raise TooFewImagesError(f"{record_dir} holds {num_examples} images; FID and sFID need at least 2")
+  batch_size = parallel.per_process_batch_size(config.segmentation.eval_batch_size,
+                                               "segmentation.eval_batch_size", mesh)
+  batches = pipeline.segmentation_batches(config, record_dir, batch_size=batch_size, seed=config.seed, train=False)
+  accumulator, pending = fid.FeatureAccumulator(), None
+  with jax.set_mesh(mesh):
+    for batch in batches:
+      batch = parallel.to_global({"image": batch["image"], "valid": batch["valid"]}, mesh)
+      current = (extract(variables, batch["image"]), batch["valid"])
+      if pending is not None:  # fetch one batch behind, so the device never waits for the host
+        accumulator.update(*parallel.to_host(pending))
+      pending = current
+  accumulator.update(*parallel.to_host(pending))
+  return accumulator
+
+
+def inception_score(features: fid.FeatureAccumulator) -> dict[str, float]:
+  """{"mean", "std", "splits"} of IS over min(IS_SPLITS, N) parts."""
+  splits = min(IS_SPLITS, features.count)
+  mean, std = fid.inception_score(features.probs(), splits)
+  return {"mean": mean, "std": std, "splits": splits}
+
+
+def distances(real: fid.FeatureAccumulator, other: fid.FeatureAccumulator) -> dict[str, float]:
+  """{"fid", "sfid"} of `other` against `real`: Fréchet distances of the pooled and spatial features."""
+  return {key: fid.frechet_distance(*real.statistics(name), *other.statistics(name))
+          for key, name in (("fid", "pooled"), ("sfid", "spatial"))}
+
+
+def _has_labels(record_dir: str) -> bool:
+  """Whether any mask of the folder holds a class pixel (its manifest counts them)."""
+  return any(records.read_manifest(record_dir)["class_pixels"])
+
+
+def _without_nan(scores: dict[str, float]) -> dict[str, float | None]:
+  """Undefined scores (a class absent from masks and predictions) -> None, i.e. JSON null."""
+  return {key: None if math.isnan(value) else value for key, value in scores.items()}
+
+
+def output_name(name: str) -> str:
+  """"sample_quality" for the default set, "sample_quality_<name>" for another one."""
+  if not re.fullmatch(r"[A-Za-z0-9_.-]*", name):
+    raise ValueError(f"sample set name {name!r} must be letters, digits, '_', '.' or '-' (it names files)")
+  return f"sample_quality_{name}" if name else "sample_quality"
+
+
+def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
+  """Scores the synthetic records in `synthetic_dir`; writes metrics/<output_name(name)>.json and returns it.
+
+  Also writes report/<output_name(name)>.png (synthetic pairs beside the encoder's
+  predictions, and the per-class label fidelity IoU) when the set has labels.
+  """
+  d = config.data
+  stem = output_name(name)
+  mesh = parallel.make_mesh()
+  encoder_config = metric_encoder_config(config)
+  model, variables, step = restore_metric_encoder(config, workdir, mesh)
+  encoder = weights_id(variables, step)
+  extract = make_extractor(model, mesh)
+
+  train_dir = os.path.join(workdir, "data", "train")
+  real, synthetic = (accumulate_features(encoder_config, extract, variables, record_dir, mesh)
+                     for record_dir in (train_dir, synthetic_dir))
+  fidelity, result = None, None
+  if _has_labels(synthetic_dir):
+    result = evaluate.evaluate_split(encoder_config, model, variables, synthetic_dir, mesh)
+    fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
+  summary = {
+      "metric_encoder": encoder, "image_size": d.image_size,
+      "real_dir": train_dir, "synthetic_dir": synthetic_dir, "num_real": real.count, "num_synthetic": synthetic.count,
+      **distances(real, synthetic), "is": inception_score(synthetic),
+      "label_fidelity_miou": None, "label_fidelity": None,
+      "real_is": inception_score(real),  # IS of the real images: its scale for this encoder and dataset
+  }
+  if fidelity is not None:
+    summary["label_fidelity"] = _without_nan(fidelity)
+    summary["label_fidelity_miou"] = summary["label_fidelity"]["miou"]
+  if jax.process_index() == 0:
+    atomic.write_bytes(os.path.join(workdir, "metrics", f"{stem}.json"),
+                       json.dumps(summary, indent=1, allow_nan=False).encode())
+    headline = (f"{stem}: FID {summary['fid']:.4g}, sFID {summary['sfid']:.4g}, IS {summary['is']['mean']:.3f} "
+                f"over {synthetic.count} synthetic vs {real.count} real images ({encoder})")
+    if fidelity is not None:
+      headline += f"; label fidelity mIoU {fidelity['miou']:.3f}"
+      title = f"{stem}: label fidelity of {synthetic.count} synthetic pairs under {encoder}"
+      viz.save_png(evaluate.report_picture(config, result.preview, fidelity, title),
+                   os.path.join(workdir, "report", f"{stem}.png"))
+    print(headline, flush=True)
+  return summary
+
+
+def run(config, workdir: str) -> dict:
+  """--mode=evaluate_samples: score data.synthetic_dir (default <workdir>/synthetic) into metrics/sample_quality.json."""
+  return run_for(config, workdir, config.data.synthetic_dir or sample.synthetic_dir(workdir))

@@ -1,0 +1,116 @@
+"""--mode=evaluate: every val example counted once (padding never), standard JSON, report PNG, table."""
+
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import load_config
+from satsynth_jax import checkpoint, evaluate
+from satsynth_jax.data import prepare, records
+from satsynth_jax.train import segmentation
+from test_train_segmentation import random_variables
+
+DEMO_NAMES = load_config("demo").data.class_names
+# The demo has no background class; naming class 0 so exercises the scores without it.
+NAMES = ("background", *DEMO_NAMES[1:])
+# 2 val scenes of 32 px -> 8 patches of 16 px: one batch of 12 holds them and 4 padding rows.
+TINY = {
+    "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
+    "data.class_names": NAMES, "segmentation.model": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+    "segmentation.eval_batch_size": 12,
+}
+SIZE = 16
+NUM_VAL = 8
+STEP = 5
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+  """A segmenter with random weights saved as step 5 of its run, then evaluated (on all 4 devices)."""
+  workdir = str(tmp_path_factory.mktemp("eval"))
+  config = load_config("demo", **TINY)
+  prepare.run(config, workdir)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(segmentation, "_init_variables", lambda config, model, rng: random_variables(model, SIZE, 0))
+    state = segmentation.init_state(config, segmentation.make_model(config), jax.random.key(0))
+  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, segmentation.run_name(config)))
+  checkpoint.save(mngr, STEP, state)
+  mngr.wait_until_finished()
+  scores = evaluate.run(config, workdir)
+  return config, workdir, scores
+
+
+def _reject_nan(constant):
+  raise ValueError(f"non-standard JSON constant {constant}")
+
+
+def test_json_holds_the_run_and_standard_scores(evaluated):
+  config, workdir, scores = evaluated
+  text = open(os.path.join(workdir, "metrics", "eval_unet_r0.json")).read()
+  summary = json.loads(text, parse_constant=_reject_nan)
+  assert {k: summary[k] for k in ("run", "model", "synthetic_ratio", "checkpoint_step", "background_index")} == {
+      "run": "unet_r0", "model": "unet", "synthetic_ratio": 0, "checkpoint_step": STEP, "background_index": 0}
+  assert summary["class_names"] == list(NAMES)
+  assert {"miou", "mf1", "miou_no_background", "mf1_no_background", "pixel_accuracy"} <= summary["scores"].keys()
+  for name in NAMES:
+    for metric in ("iou", "f1"):
+      value = scores[f"{metric}/{name}"]
+      assert summary["scores"][f"{metric}/{name}"] == (None if math.isnan(value) else value)
+
+
+def test_every_val_example_counts_once_and_padding_never(evaluated):
+  _, workdir, _ = evaluated
+  summary = json.load(open(os.path.join(workdir, "metrics", "eval_unet_r0.json")))
+  manifest = records.read_manifest(os.path.join(workdir, "data", "val"))
+  assert manifest["num_examples"] == NUM_VAL and summary["num_examples"] == NUM_VAL
+  # Patches are at model size, so the matrix holds exactly the labelled val pixels.
+  assert np.asarray(summary["confusion_matrix"]).sum() == sum(manifest["class_pixels"])
+
+
+def test_report_png_is_written(evaluated):
+  _, workdir, _ = evaluated
+  with Image.open(os.path.join(workdir, "report", "eval_unet_r0.png")) as picture:
+    assert picture.mode == "RGB"
+    assert picture.width >= 600 and picture.height >= 4 * evaluate.PREVIEW_TILE  # 4 rows of 2 examples + chart
+
+
+class _ColourCoded(nn.Module):
+  """Predicts class round(255 * red) at every pixel: a stand-in whose answers a test knows."""
+
+  num_classes: int
+
+  def __call__(self, images, train):
+    return jax.nn.one_hot(jnp.round(images[..., 0] * 255).astype(jnp.int32), self.num_classes)
+
+
+def test_eval_step_counts_only_valid_rows():
+  mask = np.zeros((3, 4, 4), np.int32)
+  mask[:, :, 2:] = 1
+  mask[0, 0, 0] = 255  # no-data
+  image = np.zeros((3, 4, 4, 3), np.float32)
+  image[0, ..., 0] = 1 / 255  # row 0: everything predicted 1; rows 1 and 2: everything 0
+  batch = {"image": image, "mask": mask, "valid": np.array([True, True, False])}  # row 2 pads the batch
+  confusion, count, preds = evaluate.eval_step({}, batch, model=_ColourCoded(3), num_classes=3, ignore_index=255)
+  assert int(count) == 2
+  np.testing.assert_array_equal(confusion, [[8, 7, 0], [8, 8, 0], [0, 0, 0]])
+  assert preds.shape == (3, 4, 4)
+
+
+@pytest.mark.parametrize("names,expected", [(("field", "background", "road"), 1), (DEMO_NAMES, None)])
+def test_background_index(names, expected):
+  assert evaluate.background_index(names) == expected
+
+
+def test_score_table_lists_classes_and_means():
+  scores = {"iou/a": 0.5, "f1/a": 2 / 3, "iou/b": float("nan"), "f1/b": float("nan"), "miou": 0.5, "mf1": 2 / 3}
+  lines = evaluate.score_table(scores, ["a", "b"]).splitlines()
+  assert lines[1].split() == ["a", "50.00", "66.67"]
+  assert lines[2].split() == ["b", "n/a", "n/a"]
+  assert lines[3].split() == ["mean", "50.00", "66.67"]

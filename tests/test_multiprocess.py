@@ -1,0 +1,217 @@
+"""Two processes on localhost (2 CPU devices each, gloo collectives) behave like one with 4 devices.
+
+The pair trains G for a few steps through the real CLI (jax.distributed over a loopback
+coordinator), then samples; the test compares with a single-process run of the same loop
+fed the same global batches, and checks the synthetic shards both processes wrote.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import grain
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, load_config
+from satsynth_jax import checkpoint, distributed, parallel, sample
+from satsynth_jax.data import pipeline, prepare, records
+from satsynth_jax.train import diffusion, loop
+
+NUM_PROCESSES = 2
+TIMEOUT_S = 240  # per launch; one takes 15-60 s on 2 busy cores
+TINY = {
+    # One resolution level, no attention: the smallest U-Net, so compiling stays cheap.
+    "model.ch": 32, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+    "diffusion.timesteps": 50, "data.image_size": 8, "data.patch_size": 32, "data.demo_num_scenes": 2,
+    "data.demo_scene_size": 64, "data.read_threads": 1, "train.batch_size": 8, "train.num_steps": 4,
+    "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2, "train.checkpoint_every": 2,
+    "train.sample_every": 4,
+    "train.num_grid_samples": 4, "train.grid_sampler_steps": 2, "sample.per_real": 2, "sample.sampler": "ddim",
+    "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 4,
+}
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _cli_overrides() -> list[str]:
+  return [f"--config.{key}={value}" for key, value in TINY.items()]
+
+
+def _launch(workdir: str, mode: str, logs: pathlib.Path, via_env: bool) -> list[str]:
+  """Runs `mode` on NUM_PROCESSES local processes; returns their logs. Kills the pair on failure."""
+  address = f"127.0.0.1:{_free_port()}"
+  procs, outputs = [], []
+  for index in range(NUM_PROCESSES):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+            f"--mode={mode}", *_cli_overrides()]
+    if via_env:
+      env.update(SATSYNTH_COORDINATOR=address, SATSYNTH_NUM_PROCESSES=str(NUM_PROCESSES),
+                 SATSYNTH_PROCESS_ID=str(index))
+    else:
+      args += [f"--coordinator_address={address}", f"--num_processes={NUM_PROCESSES}", f"--process_id={index}"]
+    outputs.append(logs / f"{mode}_{index}.log")
+    with open(outputs[-1], "wb") as out:
+      procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
+  deadline = time.monotonic() + TIMEOUT_S
+  try:
+    while any(p.poll() is None for p in procs):
+      failed = [p for p in procs if p.returncode not in (None, 0)]
+      if failed or time.monotonic() > deadline:
+        break
+      time.sleep(0.2)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  texts = [path.read_text(errors="replace") for path in outputs]
+  if any(p.returncode != 0 for p in procs):
+    tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{text[-3000:]}"
+                      for i, (p, text) in enumerate(zip(procs, texts)))
+    pytest.fail(f"{mode} on {NUM_PROCESSES} processes failed or ran past {TIMEOUT_S} s\n{tails}")
+  return texts
+
+
+def _global_batches(config, real_dir: str, num_steps: int) -> list[dict]:
+  """Step i's global batch as the processes assemble it: process 0's rows, then process 1's."""
+  per_process = config.train.batch_size // NUM_PROCESSES
+  streams = [iter(pipeline.diffusion_batches(config, real_dir, batch_size=per_process, seed=config.seed,
+                                             process_index=p, process_count=NUM_PROCESSES))
+             for p in range(NUM_PROCESSES)]
+  return [{"x": np.concatenate([next(s)["x"] for s in streams])} for _ in range(num_steps)]
+
+
+def _final_state(config, workdir: str):
+  model = diffusion.make_model(config)
+  state, step = checkpoint.restore_for_inference(
+      workdir, diffusion.model_name(config), lambda rng: diffusion.init_state(config, model, rng), parallel.make_mesh())
+  assert step == config.train.num_steps
+  return parallel.to_host({"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state})
+
+
+def _metrics(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics", f"{diffusion.model_name(config)}.jsonl")
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+ENV = {"SATSYNTH_COORDINATOR": "10.0.0.1:1234", "SATSYNTH_NUM_PROCESSES": "4", "SATSYNTH_PROCESS_ID": "3"}
+
+
+def test_settings_come_from_flags_then_environment():
+  assert distributed.resolve("auto", environ=ENV) == distributed.Settings("10.0.0.1:1234", 4, 3)
+  assert distributed.resolve("auto", "h:1", 2, 0, environ=ENV) == distributed.Settings("h:1", 2, 0)
+  assert distributed.resolve("off", environ=ENV) is None
+
+
+def test_auto_stays_single_process_unless_settings_or_a_multi_host_tpu_say_otherwise():
+  assert distributed.resolve("auto", environ={}) is None
+  assert distributed.resolve("auto", "h:1", 1, 0, environ={}) is None
+  assert distributed.resolve("auto", environ={"TPU_WORKER_HOSTNAMES": "t1k-w-0"}) is None
+  # A pod slice, or "on": JAX's cluster detection supplies the settings.
+  assert distributed.resolve("auto", environ={"TPU_WORKER_HOSTNAMES": "w-0,w-1"}) == distributed.Settings()
+  assert distributed.resolve("on", environ={}) == distributed.Settings()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"coordinator_address": "h:1"}, "--num_processes (or SATSYNTH_NUM_PROCESSES) and --process_id"),
+    ({"num_processes": 2, "process_id": 0}, "--coordinator_address (or SATSYNTH_COORDINATOR) must be set"),
+    ({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2},
+     "--process_id (or SATSYNTH_PROCESS_ID) must be in [0, 2), got 2"),
+    ({"coordinator_address": "h", "num_processes": 2, "process_id": 0}, "must be host:port, got 'h'"),
+    ({"coordinator_address": "h:1", "num_processes": "two", "process_id": 0}, "must be an integer, got 'two'"),
+    ({"mode": "yes"}, "--distributed='yes': must be one of auto, on, off"),
+])
+def test_incomplete_or_bad_settings_name_the_setting(kwargs, message):
+  with pytest.raises(distributed.DistributedConfigError, match=re.escape(message)):
+    distributed.resolve(**{"mode": "auto", **kwargs}, environ={})
+
+
+def test_cli_refuses_incomplete_settings_before_starting(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py",
+                           f"--workdir={tmp_path}", "--mode=sample", "--coordinator_address=127.0.0.1:1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("SATSYNTH_")})
+  assert result.returncode == 2
+  assert "--num_processes (or SATSYNTH_NUM_PROCESSES) and --process_id" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  """(config, two-process workdir, single-process workdir, sampling logs per process), after both runs."""
+  config = load_config("demo", **TINY)
+  multi = str(tmp_path_factory.mktemp("two_processes"))
+  single = str(tmp_path_factory.mktemp("one_process"))
+  logs = tmp_path_factory.mktemp("logs")
+  prepare.run(config, multi)
+  _launch(multi, "train_diffusion", logs, via_env=False)
+  sample_logs = _launch(multi, "sample", logs, via_env=True)
+
+  mesh = parallel.make_mesh()
+  assert mesh.size == 2 * NUM_PROCESSES
+  batches = _global_batches(config, os.path.join(multi, "data", "train"), config.train.num_steps)
+  task = dataclasses.replace(diffusion.make_task(config, single, mesh), preview=None,
+                             make_batches=lambda: iter(grain.MapDataset.source(batches).to_iter_dataset()))
+  loop.train(task, config.train, single, seed=config.seed, mesh=mesh)
+  return config, multi, single, sample_logs
+
+
+def test_losses_equal_a_single_process_run_on_the_same_global_batches(runs):
+  config, multi, single, _ = runs
+  two, one = _metrics(multi), _metrics(single)
+  assert [m["step"] for m in two] == [m["step"] for m in one] == [2, 4]
+  for a, b in zip(two, one):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_final_params_equal_a_single_process_run(runs):
+  config, multi, single, _ = runs
+  two, one = _final_state(config, multi), _final_state(config, single)
+  for name in ("params", "ema_params", "opt_state"):
+    leaves_a, leaves_b = jax.tree.leaves(two[name]), jax.tree.leaves(one[name])
+    assert len(leaves_a) == len(leaves_b) > 0, name
+    for x, y in zip(leaves_a, leaves_b):
+      # The two runs sum gradients in different orders. Adam divides by sqrt(v), so a
+      # parameter whose gradient is ~0 takes a rounding-noise-sized step in either run:
+      # atol is 1% of one step at lr=1e-3, far below what a wrong batch would cause.
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_only_process_0_writes_metrics_and_the_preview(runs):
+  _, multi, _, _ = runs
+  assert os.path.exists(os.path.join(multi, "samples", "diffusion_step00000004.png"))
+  metric_files = sorted(os.listdir(os.path.join(multi, "metrics", diffusion.model_name(config))))
+  assert len(metric_files) == 1 and metric_files[0].startswith("events.out.tfevents.")
+
+
+def test_both_processes_write_their_shards_and_together_hold_the_requested_count(runs):
+  config, multi, _, logs = runs
+  num_real = records.read_manifest(os.path.join(multi, "data", "train"))["num_examples"]
+  requested = config.sample.per_real * num_real
+  out = sample.synthetic_dir(multi)
+  manifest = records.read_manifest(out)
+  assert manifest["num_examples"] == requested
+  num_shards = len(manifest["shards"])
+  assert num_shards == -(-requested // config.sample.examples_per_shard) >= NUM_PROCESSES
+  for process, text in enumerate(logs):
+    assert f"process {process} of 2 writes shards {list(range(process, num_shards, 2))}" in text
+  source = records.PairSource(out)
+  ids = [source[i]["id"] for i in range(len(source))]
+  assert sorted(ids) == [f"synthetic_{i:07d}" for i in range(requested)]
+  assert max(int(source[i]["mask"].max()) for i in range(len(source))) < config.data.num_classes
+  assert os.path.exists(os.path.join(multi, "samples", "synthetic_grid.png"))

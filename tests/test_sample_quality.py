@@ -1,0 +1,131 @@
+"""Metric encoder and sample scores: its own run, FID ~0 for real-as-synthetic, noise far off, label fidelity.
+
+The encoder trains from the command line on one CPU device, as in test_train_segmentation.py
+(same tiny demo, so conftest's compilation cache serves both files).
+"""
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import load_config
+from satsynth_jax import checkpoint, evaluate, parallel, sample_quality
+from satsynth_jax.data import prepare, records
+from satsynth_jax.metrics import segmentation as seg_metrics
+from satsynth_jax.train import segmentation
+from test_train_segmentation import NUM_TRAIN, SIZE, TINY, cli  # noqa: F401 (cli is a fixture)
+
+ENCODER_ID = re.compile(r"metric_encoder@30:[0-9a-f]{12}")
+
+
+def strict_json(path) -> dict:
+  """The file parsed as standard JSON: a NaN or Infinity literal fails the test."""
+
+  def reject(literal):
+    raise AssertionError(f"{path} holds the non-standard JSON literal {literal}")
+
+  with open(path, encoding="utf-8") as f:
+    return json.loads(f.read(), parse_constant=reject)
+
+
+def write_pairs(directory, config, images, masks) -> None:
+  d = config.data
+  pairs = (records.Pair(image=image, mask=mask, id=f"pair_{i:03d}", source="synthetic:test", num_classes=d.num_classes)
+           for i, (image, mask) in enumerate(zip(images, masks)))
+  records.write_records(directory, pairs, num_classes=d.num_classes, class_names=list(d.class_names),
+                        source="synthetic:test", examples_per_shard=3)
+
+
+@pytest.fixture(scope="module")
+def encoder(cli, tmp_path_factory):
+  """The tiny demo prepared and its metric encoder trained with --mode=train_metric_encoder (30 steps)."""
+  workdir = str(tmp_path_factory.mktemp("quality"))
+  config = load_config("demo", **TINY)
+  prepare.run(config, workdir)
+  cli("train_metric_encoder", workdir)
+  return config, workdir
+
+
+@pytest.fixture(scope="module")
+def real_as_synthetic(cli, encoder) -> dict:
+  """--mode=evaluate_samples on <workdir>/synthetic holding a copy of the real train records."""
+  _, workdir = encoder
+  shutil.copytree(os.path.join(workdir, "data", "train"), os.path.join(workdir, "synthetic"))
+  cli("evaluate_samples", workdir)
+  return strict_json(os.path.join(workdir, "metrics", "sample_quality.json"))
+
+
+def test_encoder_trains_in_its_own_run_and_a_rerun_changes_nothing(encoder):
+  config, workdir = encoder
+  encoder_dir = checkpoint.checkpoint_dir(workdir, "metric_encoder")
+  assert checkpoint.manager(encoder_dir, create=False).all_steps() == [15, 30]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["metric_encoder"]  # not the segmenter's unet_r0
+  assert os.path.isfile(os.path.join(workdir, "metrics", "metric_encoder.jsonl"))
+  mesh = parallel.make_mesh()
+  before = sample_quality.weights_id(sample_quality.restore_metric_encoder(config, workdir, mesh)[1], 30)
+  sample_quality.train_metric_encoder(config, workdir)  # already at num_steps: restores, trains nothing
+  assert checkpoint.manager(encoder_dir, create=False).all_steps() == [15, 30]
+  assert sample_quality.weights_id(sample_quality.restore_metric_encoder(config, workdir, mesh)[1], 30) == before
+
+
+def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(encoder, real_as_synthetic):
+  config, workdir = encoder
+  scores = real_as_synthetic
+  assert ENCODER_ID.fullmatch(scores["metric_encoder"])
+  assert scores["num_real"] == scores["num_synthetic"] == NUM_TRAIN and scores["image_size"] == SIZE
+  assert scores["fid"] < 1e-6 and scores["sfid"] < 1e-6
+  assert scores["is"] == pytest.approx(scores["real_is"], rel=1e-9)
+  assert 1.0 <= scores["is"]["mean"] <= config.data.num_classes and scores["is"]["splits"] == NUM_TRAIN
+  # Consistency: the synthetic masks are the real ones, so label fidelity is the encoder's train mIoU.
+  mesh = parallel.make_mesh()
+  encoder_config = sample_quality.metric_encoder_config(config)
+  model, variables, _ = segmentation.restore_variables(encoder_config, workdir, mesh, name="metric_encoder")
+  result = evaluate.evaluate_split(encoder_config, model, variables, os.path.join(workdir, "data", "train"), mesh)
+  want = seg_metrics.segmentation_scores(result.confusion, config.data.class_names)
+  assert scores["label_fidelity_miou"] == pytest.approx(want["miou"], rel=1e-12)
+  for name in config.data.class_names:
+    key = f"iou/{name}"
+    assert scores["label_fidelity"][key] == (None if np.isnan(want[key]) else pytest.approx(want[key], rel=1e-12))
+  assert os.path.isfile(os.path.join(workdir, "report", "sample_quality.png"))
+
+
+def test_noise_samples_are_far_and_all_ignore_masks_skip_label_fidelity(encoder, real_as_synthetic, tmp_path):
+  config, workdir = encoder
+  rng = np.random.default_rng(0)
+  noise = rng.integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
+  write_pairs(tmp_path / "noise", config, noise, rng.integers(0, config.data.num_classes, (6, SIZE, SIZE)))
+  real = [pair["image"] for pair in records.PairSource(os.path.join(workdir, "data", "train"))]
+  write_pairs(tmp_path / "image_only", config, real, [np.full((SIZE, SIZE), 255, np.uint8)] * len(real))
+
+  noisy = sample_quality.run_for(config, workdir, str(tmp_path / "noise"), "noise")
+  assert noisy == strict_json(os.path.join(workdir, "metrics", "sample_quality_noise.json"))
+  assert noisy["metric_encoder"] == real_as_synthetic["metric_encoder"] and noisy["num_synthetic"] == 6
+  assert noisy["fid"] > 1e6 * max(real_as_synthetic["fid"], 1e-12)
+  assert noisy["sfid"] > 1e6 * max(real_as_synthetic["sfid"], 1e-12)
+  assert 0.0 <= noisy["label_fidelity_miou"] < real_as_synthetic["label_fidelity_miou"]
+
+  image_only = sample_quality.run_for(config, workdir, str(tmp_path / "image_only"), "image_only")
+  assert image_only == strict_json(os.path.join(workdir, "metrics", "sample_quality_image_only.json"))
+  assert image_only["label_fidelity_miou"] is None and image_only["label_fidelity"] is None
+  assert image_only["fid"] < 1e-6  # the real train images again: only the masks differ
+  assert not os.path.exists(os.path.join(workdir, "report", "sample_quality_image_only.png"))
+
+
+def test_weights_id_changes_with_any_weight_and_names_are_file_safe():
+  weights = {"params": {"w": np.zeros((2, 3), np.float32)}, "batch_stats": {"mean": np.zeros(3, np.float32)}}
+  changed = {**weights, "batch_stats": {"mean": np.array([0, 0, 1e-7], np.float32)}}
+  assert sample_quality.weights_id(weights, 7) == sample_quality.weights_id(weights, 7)
+  assert sample_quality.weights_id(weights, 7) != sample_quality.weights_id(changed, 7)
+  assert sample_quality.output_name("") == "sample_quality"
+  assert sample_quality.output_name("image_only") == "sample_quality_image_only"
+  with pytest.raises(ValueError, match=r"'\.\./x'"):
+    sample_quality.output_name("../x")
+
+
+def test_scoring_without_an_encoder_says_which_mode_to_run(encoder, tmp_path):
+  with pytest.raises(checkpoint.CheckpointNotFoundError, match="run --mode=train_metric_encoder first"):
+    sample_quality.run_for(encoder[0], str(tmp_path), str(tmp_path / "synthetic"))

@@ -1,0 +1,244 @@
+"""The segmenter: overfits the demo, mixes exactly R x |D| synthetic pairs, resumes exactly, runs from the CLI.
+
+Training runs go through the command line, as a user starts them, on one CPU device (four
+virtual devices on two shared cores only add all-reduce copies) and with one persistent
+compilation cache: the runs compile the same programs, so XLA builds them once.
+"""
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from conftest import REPO, load_config
+from satsynth_jax import evaluate, parallel
+from satsynth_jax.data import prepare, records
+from satsynth_jax.metrics import segmentation as seg_metrics
+from satsynth_jax.models import resnet
+from satsynth_jax.train import optim, segmentation
+
+# One 32 px demo scene -> 4 train patches of 16 px. The U-Net head on the smallest ResNet
+# classifies at full resolution, so it fits them in few steps (the FPN's logits are at
+# stride 4). With a constant schedule every run below, whatever its num_steps, compiles the
+# same train step.
+TINY = {
+    "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
+    "data.augment": False, "data.read_threads": 2,
+    "segmentation.model": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+    "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 30, "segmentation.train.lr": 3e-3,
+    "segmentation.train.schedule": "constant", "segmentation.train.warmup_steps": 0,
+    "segmentation.train.log_every": 10, "segmentation.train.checkpoint_every": 15,
+    "segmentation.eval_batch_size": 4,
+}
+NUM_TRAIN = 4
+SIZE = 16
+
+
+def _flag(key: str, value) -> str:
+  if isinstance(value, tuple):
+    value = f"({','.join(map(str, value))})"
+  return f"--config.{key}={value}"
+
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+  """cli(mode, workdir, overrides) runs `python -m satsynth_jax.main` on TINY + overrides; returns stdout."""
+  # One device: 4 virtual ones make each step ~4x slower; conftest's XLA cache is shared.
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+
+  def run(mode: str, workdir, overrides: dict | None = None) -> str:
+    cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--mode={mode}",
+           f"--workdir={workdir}", *(_flag(k, v) for k, v in {**TINY, **(overrides or {})}.items())]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+  return run
+
+
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory):
+  """The demo prepared and a real-only (R=0) run trained for 30 steps with --mode=train_segmentation."""
+  workdir = str(tmp_path_factory.mktemp("seg"))
+  config = load_config("demo", **TINY)
+  prepare.run(config, workdir)
+  cli("train_segmentation", workdir)
+  return config, workdir
+
+
+def write_synthetic(directory, config, count: int) -> None:
+  """`count` flat grey pairs; pair i's pixels all hold 100 + i, so a batch row tells which pair it is."""
+  d = config.data
+  pairs = (records.Pair(image=np.full((SIZE, SIZE, 3), 100 + i, np.uint8), mask=np.full((SIZE, SIZE), i % 2, np.uint8),
+                        id=f"synthetic_{i:03d}", source="synthetic:0", num_classes=d.num_classes)
+           for i in range(count))
+  records.write_records(directory, pairs, num_classes=d.num_classes, class_names=list(d.class_names),
+                        source="synthetic:0", examples_per_shard=5)
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(trained, tmp_path_factory):
+  """12 synthetic pairs: 3 x |D|."""
+  directory = str(tmp_path_factory.mktemp("synthetic"))
+  write_synthetic(directory, trained[0], 3 * NUM_TRAIN)
+  return directory
+
+
+def mixed(synthetic_dir, ratio: int, **overrides) -> dict:
+  """Overrides for a run on D u D' (augmentation on, so resuming must replay it too)."""
+  return {"data.synthetic_ratio": ratio, "data.synthetic_dir": synthetic_dir, "data.augment": True, **overrides}
+
+
+def copy_data(workdir, tmp_path) -> str:
+  shutil.copytree(os.path.join(workdir, "data"), tmp_path / "data")
+  return str(tmp_path)
+
+
+def test_run_names_separate_models_and_ratios():
+  assert segmentation.run_name(load_config("demo")) == "fpn_r0"
+  assert segmentation.run_name(load_config("demo", **{"segmentation.model": "unet",
+                                                      "data.synthetic_ratio": 3})) == "unet_r3"
+
+
+def test_cross_entropy_and_accuracy_skip_no_data_pixels():
+  logits = np.log(np.array([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4]]], np.float32))  # [1, 3, K]
+  labels = np.array([[0, 2, 255]])
+  loss, accuracy = segmentation.masked_cross_entropy(logits, labels, ignore_index=255)
+  np.testing.assert_allclose(loss, -(np.log(0.7) + np.log(0.1)) / 2, rtol=1e-6)
+  assert accuracy == 0.5
+  loss, accuracy = segmentation.masked_cross_entropy(logits, np.full((1, 3), 255), ignore_index=255)
+  assert loss == 0 and accuracy == 0
+
+
+@pytest.mark.parametrize("head", ["fpn", "unet"])
+def test_train_step_traces_for_both_heads(head):
+  """Shapes only (jax.eval_shape): the step's state keeps its structure and reports its metrics."""
+  config = load_config("demo", **{**TINY, "segmentation.model": head})
+  model = segmentation.make_model(config)
+  state = jax.eval_shape(lambda: segmentation.init_state(config, model, jax.random.key(0)))
+  batch = {"image": jax.ShapeDtypeStruct((4, SIZE, SIZE, 3), np.float32),
+           "mask": jax.ShapeDtypeStruct((4, SIZE, SIZE), np.int32), "is_synthetic": jax.ShapeDtypeStruct((4,), bool)}
+  _, lr = optim.make_optimizer(config.segmentation.train)
+  new_state, metrics = jax.eval_shape(functools.partial(segmentation.train_step, model=model, ignore_index=255,
+                                                        lr_schedule=lr), state, batch)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state) and state.batch_stats
+  assert jax.tree.map(lambda x: x.shape, new_state.params) == jax.tree.map(lambda x: x.shape, state.params)
+  assert set(metrics) == {"loss", "pixel_accuracy", "lr", "grad_norm", "synthetic_fraction"}
+
+
+def test_segmenter_overfits_the_demo_train_split(trained):
+  config, workdir = trained
+  mesh = parallel.make_mesh()
+  model, variables, step = segmentation.restore_variables(config, workdir, mesh)
+  result = evaluate.evaluate_split(config, model, variables, os.path.join(workdir, "data", "train"), mesh)
+  scores = seg_metrics.segmentation_scores(result.confusion, config.data.class_names)
+  assert step == 30 and result.num_examples == NUM_TRAIN
+  assert result.confusion.sum() == NUM_TRAIN * SIZE * SIZE
+  assert scores["miou"] > 0.9, scores
+  log = [json.loads(line) for line in open(os.path.join(workdir, "metrics", "unet_r0.jsonl"))]
+  assert [entry["step"] for entry in log] == [10, 15, 20, 30]  # log_every and checkpoint steps
+  assert log[-1]["loss"] < log[0]["loss"] / 3
+  assert all(entry["synthetic_fraction"] == 0.0 for entry in log)
+
+
+def test_only_the_first_r_times_d_synthetic_pairs_join_training(trained, synthetic_dir):
+  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 2)})
+  _, synth_dir, count = segmentation.training_data(config, trained[1])
+  assert (synth_dir, count) == (synthetic_dir, 2 * NUM_TRAIN)
+  batches = segmentation.make_task(config, trained[1], parallel.make_mesh()).make_batches()
+  seen = []
+  for _ in range(12):
+    batch = next(batches)
+    assert batch["is_synthetic"].sum() == 2  # synthetic_fraction 0.5 of every batch of 4
+    seen += [round(image[0, 0, 0] * 255) - 100 for image in batch["image"][batch["is_synthetic"]]]
+  assert set(seen) == set(range(2 * NUM_TRAIN))  # 12 on disk; pairs 8..11 are never drawn
+
+
+def test_asking_for_more_synthetic_pairs_than_exist_fails_before_training(trained, synthetic_dir, tmp_path):
+  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 4)})
+  with pytest.raises(segmentation.NotEnoughSyntheticDataError,
+                     match=rf"synthetic_ratio=4 needs 4 x 4 = 16 synthetic pairs .* {synthetic_dir} holds 12"):
+    segmentation.run(config, copy_data(trained[1], tmp_path))
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_resumed_mixed_run_equals_uninterrupted_run(cli, trained, synthetic_dir, tmp_path):
+  """4 steps in one go vs the same run restarted from its step-2 checkpoint, mixing and augmenting."""
+  straight = copy_data(trained[1], tmp_path / "straight")
+  overrides = mixed(synthetic_dir, 2, **{"segmentation.train.num_steps": 4, "segmentation.train.log_every": 1,
+                                         "segmentation.train.checkpoint_every": 2})
+  cli("train_segmentation", straight, overrides)
+  resumed = tmp_path / "resumed"
+  shutil.copytree(straight, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "unet_r2" / "4")  # as if stopped right after step 2
+  cli("train_segmentation", resumed, overrides)
+  config, mesh = load_config("demo", **{**TINY, **overrides}), parallel.make_mesh()
+  (_, expected, step_a), (_, actual, step_b) = (segmentation.restore_variables(config, w, mesh)
+                                                for w in (straight, resumed))
+  assert step_a == step_b == 4
+  expected = traverse_util.flatten_dict(parallel.to_host(expected))
+  actual = traverse_util.flatten_dict(parallel.to_host(actual))
+  assert expected.keys() == actual.keys() and any(path[0] == "batch_stats" for path in expected)
+  for path, value in expected.items():
+    np.testing.assert_array_equal(value, actual[path], err_msg="/".join(path))
+  log = [json.loads(line) for line in open(os.path.join(straight, "metrics", "unet_r2.jsonl"))]
+  assert [entry["synthetic_fraction"] for entry in log] == [0.5] * 4
+  resumed_log = [json.loads(line) for line in open(resumed / "metrics" / "unet_r2.jsonl")]
+  assert [entry["step"] for entry in resumed_log] == [1, 2, 3, 4, 3, 4]  # the copied log, then the replay
+  assert resumed_log[-2:] == log[-2:]
+
+
+def random_variables(model, size: int, seed: int) -> dict:
+  """{"params", "batch_stats"} of `model` drawn in NumPy: its initialisers take ~20 s to compile on CPU."""
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, size, size, 3), np.float32), train=False))
+
+  def draw(path, leaf):
+    if path[-1].key == "var":
+      return np.ones(leaf.shape, np.float32)
+    return rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def test_pretrained_backbone_replaces_the_random_one(tmp_path, monkeypatch):
+  config = load_config("demo", **TINY)
+  weights = random_variables(resnet.ResNet((1, 1, 1, 1)), SIZE, seed=7)
+  path = tmp_path / "resnet.npz"
+  resnet.export_torchvision_npz(weights["params"], weights["batch_stats"], path)
+  config.segmentation.pretrained_path = str(path)
+  model = segmentation.make_model(config)
+  monkeypatch.setattr(segmentation, "_init_variables", lambda config, model, rng: random_variables(model, SIZE, 0))
+  state = segmentation.init_state(config, model, jax.random.key(0), backbone=segmentation.load_backbone(config, model))
+  for ours, theirs in ((state.params["backbone"], weights["params"]),
+                       (state.batch_stats["backbone"], weights["batch_stats"])):
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+      np.testing.assert_array_equal(a, b)
+  decoder = random_variables(model, SIZE, 0)["params"]["decoder0"]
+  for a, b in zip(jax.tree.leaves(state.params["decoder0"]), jax.tree.leaves(decoder)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_missing_pretrained_file_is_named(tmp_path):
+  missing = str(tmp_path / "nope.npz")
+  config = load_config("demo", **{**TINY, "segmentation.pretrained_path": missing})
+  with pytest.raises(resnet.PretrainedWeightsError, match=rf"segmentation.pretrained_path='{missing}': no such file"):
+    segmentation.load_backbone(config, segmentation.make_model(config))
+
+
+def test_cli_evaluates_the_trained_run(cli, trained):
+  config, workdir = trained
+  stdout = cli("evaluate", workdir)
+  summary = json.loads(open(os.path.join(workdir, "metrics", "eval_unet_r0.json")).read())
+  assert summary["checkpoint_step"] == 30 and summary["num_examples"] == 8
+  assert os.path.exists(os.path.join(workdir, "report", "eval_unet_r0.png"))
+  table = stdout[stdout.index("evaluate unet_r0"):].splitlines()
+  assert [line.split()[0] for line in table[2:2 + len(config.data.class_names)]] == list(config.data.class_names)

@@ -32,5 +32,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],
         # Only the TFRecord interop test needs TensorFlow; nothing at run time does.
         "tf": ["tensorflow-cpu>=2.20,<3"],
+        # Benchmark peers only (benchmarks/): never imported by the package.
+        "bench": ["torch>=2.1,<3", "diffusers>=0.27,<1", "segmentation-models-pytorch>=0.3.3,<1"],
     },
 )

@@ -162,11 +162,11 @@ class DiffusersUNet:
     torch, t = self.torch, self.config.train
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # pylint: disable=g-import-not-at-top
 
-    self.model.train()
     optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr)
     ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay > 0 else None
 
     def call():
+      self.model.train()
       timesteps = torch.randint(0, self.config.diffusion.timesteps, (self.batch,), device=self.device)
       noise = torch.randn_like(self.x)
       abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
@@ -196,9 +196,9 @@ class DiffusersUNet:
       scheduler = DDIMScheduler(set_alpha_to_one=True, timestep_spacing="trailing", **self.schedule_kwargs)
     scheduler.set_timesteps(total_steps, device=self.device)
     timesteps = scheduler.timesteps[:run_steps]
-    self.model.eval()
 
     def call():
+      self.model.eval()
       with torch.inference_mode(), self.autocast():
         x = torch.randn(self.shape, device=self.device)
         for t in timesteps:

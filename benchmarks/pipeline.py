@@ -15,8 +15,6 @@ import argparse
 import importlib.metadata
 import itertools
 import os
-import pathlib
-import platform
 import tempfile
 import time
 
@@ -24,6 +22,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from benchmarks.common import cpu_model
 from configs import demo
 from satsynth_jax.data import pipeline, records
 
@@ -42,15 +41,6 @@ def textured_pair(index: int, size: int, num_classes: int) -> records.Pair:
   blocks = rng.integers(0, num_classes, (size // 16, size // 16), dtype=np.uint8)
   mask = np.asarray(Image.fromarray(blocks).resize((size, size), Image.Resampling.NEAREST))
   return records.Pair(image=image, mask=mask, id=f"bench_{index:04d}", source="benchmark", num_classes=num_classes)
-
-
-def cpu_model() -> str:
-  cpuinfo = pathlib.Path("/proc/cpuinfo")
-  if cpuinfo.exists():
-    for line in cpuinfo.read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  return platform.processor() or platform.machine()
 
 
 def rate(iterator, count: int, warmup: int, repeats: int) -> float:

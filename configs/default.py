@@ -79,6 +79,10 @@ def get_config():
   s.super_resolve = False  # cascade: G's pairs through G_SR (train_sr) to sr.image_size
   s.sr_checkpoint_step = -1  # -1: latest checkpoint of G_SR
 
+  # ---- --mode=pipeline ----
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.image_only_baseline = False  # also train/sample/score Table 1's image-only DDPM
+
   # ---- the segmenter trained on D (R=0) or D u D' (paper: FPN with a ResNet-50) ----
   d.synthetic_ratio = 0  # R used by the segmenter: R x |D| synthetic pairs join training; 0 = real only
   d.synthetic_dir = ""  # default: <workdir>/synthetic

@@ -1,7 +1,9 @@
 """--mode=pipeline: the paper's experiment as one resumable command.
 
-prepare -> train_diffusion -> sample -> train_segmentation (R=0 and R=sample.per_real)
--> evaluate both -> report/summary.md. Each stage knows when its outputs are complete, so
+prepare -> train_diffusion -> sample -> train_metric_encoder -> evaluate_samples (FID, sFID,
+IS, label fidelity) -> [image-only baseline: train, sample, evaluate_samples, when
+pipeline.image_only_baseline] -> train_segmentation (R=0 and R=sample.per_real) -> evaluate
+both -> report/summary.md. Each stage knows when its outputs are complete, so
 re-running after an interruption skips finished stages; unfinished ones resume from their
 own checkpoints.
 """
@@ -19,7 +21,7 @@ from typing import Callable
 
 import jax
 
-from satsynth_jax import atomic, checkpoint, evaluate, parallel, sample
+from satsynth_jax import atomic, checkpoint, evaluate, parallel, sample, sample_quality
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, segmentation
 
@@ -29,6 +31,12 @@ class Stage:
   name: str
   done: Callable[[], bool]
   run: Callable[[], object]
+
+
+def _image_only(config):
+  config = copy.deepcopy(config)
+  config.diffusion.joint_labels = False
+  return config
 
 
 def _with_ratio(config, ratio: int):
@@ -58,11 +66,27 @@ def _evaluated(workdir: str, config) -> bool:
 
 def _sampled(config, workdir: str) -> bool:
   try:
-    manifest = records.read_manifest(sample.synthetic_dir(workdir))
+    manifest = records.read_manifest(sample.synthetic_dir(workdir, config.diffusion.joint_labels))
     real = records.read_manifest(os.path.join(workdir, "data", "train"))
   except records.RecordError:
     return False
   return manifest["num_examples"] == config.sample.per_real * real["num_examples"]
+
+
+def _quality_path(workdir: str, name: str) -> str:
+  return os.path.join(workdir, "metrics", f"{sample_quality.output_name(name)}.json")
+
+
+def _scored(workdir: str, synthetic: str, name: str) -> bool:
+  """A sample-quality JSON exists for the finished synthetic set, under the current encoder."""
+  path = _quality_path(workdir, name)
+  if not os.path.exists(path):
+    return False
+  with open(path, encoding="utf-8") as f:
+    scores = json.load(f)
+  encoder_step = checkpoint.latest_step(checkpoint.checkpoint_dir(workdir, sample_quality.METRIC_ENCODER))
+  return (scores["num_synthetic"] == records.read_manifest(synthetic)["num_examples"]
+          and scores["metric_encoder"].startswith(f"{sample_quality.METRIC_ENCODER}@{encoder_step}:"))
 
 
 def _prepared(workdir: str) -> bool:
@@ -89,7 +113,23 @@ def stages(config, workdir: str) -> list[Stage]:
       Stage("train_diffusion", lambda: _trained(workdir, diffusion.model_name(config), config.train.num_steps),
             lambda: diffusion.run(config, workdir)),
       Stage("sample", lambda: _sampled(config, workdir), lambda: sample.run(config, workdir)),
+      Stage("train_metric_encoder",
+            functools.partial(_trained, workdir, sample_quality.METRIC_ENCODER, config.segmentation.train.num_steps),
+            functools.partial(sample_quality.train_metric_encoder, config, workdir)),
+      Stage("evaluate_samples", functools.partial(_scored, workdir, sample.synthetic_dir(workdir), ""),
+            functools.partial(sample_quality.run, config, workdir)),
   ]
+  if config.pipeline.image_only_baseline:
+    image_only = _image_only(config)
+    synthetic = sample.synthetic_dir(workdir, joint_labels=False)
+    out += [
+        Stage("train_diffusion image_only",
+              lambda: _trained(workdir, diffusion.model_name(image_only), image_only.train.num_steps),
+              lambda: diffusion.run(image_only, workdir)),
+        Stage("sample image_only", lambda: _sampled(image_only, workdir), lambda: sample.run(image_only, workdir)),
+        Stage("evaluate_samples image_only", functools.partial(_scored, workdir, synthetic, "image_only"),
+              functools.partial(sample_quality.run_for, config, workdir, synthetic, "image_only")),
+    ]
   for run_config in runs:
     name = segmentation.run_name(run_config)
     out.append(Stage(f"train_segmentation {name}",
@@ -132,6 +172,16 @@ def summary_markdown(config, workdir: str) -> str:
     lines.append(f"| {label} | {row['synthetic_ratio']} | {_percent(s['miou'])} | {_percent(s['mf1'])} | "
                  f"{_percent(s.get('miou_no_background'))} | "
                  + " | ".join(_percent(s.get(f"iou/{n}")) for n in names) + " |")
+  lines += ["", "Sample quality (features of the metric encoder, a U-Net segmenter trained on the real train",
+            "split; compare numbers only under the same encoder id):", "",
+            "| samples | FID | sFID | IS | label fidelity mIoU (%) | metric encoder |", "|---|---|---|---|---|---|"]
+  for name, label in (("", "joint image + mask (SatSynth)"), ("image_only", "image only (DDPM baseline)")):
+    path = _quality_path(workdir, name)
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        q = json.load(f)
+      lines.append(f"| {label} | {q['fid']:.3f} | {q['sfid']:.3f} | {q['is']['mean']:.3f} | "
+                   f"{_percent(q['label_fidelity_miou'])} | `{q['metric_encoder']}` |")
   lines += ["", "Pictures: `report/eval_*.png` (predictions), `samples/synthetic_grid.png`,",
             "`report/class_frequency_real_vs_synthetic.png`, `report/prepare_*.png`.", ""]
   return "\n".join(lines)

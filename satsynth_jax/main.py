@@ -20,13 +20,13 @@ from satsynth_jax.errors import SatSynthError
 # mode -> "module:function(config, workdir)"; imported lazily so `prepare` stays light.
 MODES = {
     "prepare": "satsynth_jax.data.prepare:run",
-    "train_segmentation": "satsynth_jax.train.segmentation:run",
-    "evaluate": "satsynth_jax.evaluate:run",
     "train_diffusion": "satsynth_jax.train.diffusion:run",
     "train_sr": "satsynth_jax.train.super_resolution:run",
     "sample": "satsynth_jax.sample:run",
     "train_metric_encoder": "satsynth_jax.sample_quality:train_metric_encoder",
     "evaluate_samples": "satsynth_jax.sample_quality:run",
+    "train_segmentation": "satsynth_jax.train.segmentation:run",
+    "evaluate": "satsynth_jax.evaluate:run",
     "pipeline": "satsynth_jax.experiment:run",
 }
 

@@ -43,7 +43,8 @@ from satsynth_jax.metrics import segmentation as seg_metrics
 from satsynth_jax.train import loop, segmentation
 
 METRIC_ENCODER = "metric_encoder"  # its checkpoint folder and metrics prefix
-IS_SPLITS = 10  # the usual protocol; fewer when there are fewer images than that
+IS_SPLITS = 10  # the usual protocol (10 parts of 5000 images)...
+IS_MIN_SPLIT_SIZE = 100  # ...but fewer parts for small sets: each part's marginal p(y) needs images
 
 Extractor = Callable[[dict, jax.Array], dict[str, jax.Array]]
 
@@ -96,9 +97,6 @@ def make_extractor(model: nn.Module, mesh) -> Extractor:
 
 def accumulate_features(config, extract: Extractor, variables, record_dir: str, mesh) -> fid.FeatureAccumulator:
   """Encoder features of every image of `record_dir`, one ordered pass; the padding rows are dropped."""
-  num_examples = records.read_manifest(record_dir)["num_examples"]
-  if num_examples < 2:
-    raise TooFewImagesError(f"{record_dir} holds {num_examples} images; FID and sFID need at least 2")
   batch_size = parallel.per_process_batch_size(config.segmentation.eval_batch_size,
                                                "segmentation.eval_batch_size", mesh)
   batches = pipeline.segmentation_batches(config, record_dir, batch_size=batch_size, seed=config.seed, train=False)
@@ -115,8 +113,11 @@ def accumulate_features(config, extract: Extractor, variables, record_dir: str, 
 
 
 def inception_score(features: fid.FeatureAccumulator) -> dict[str, float]:
-  """{"mean", "std", "splits"} of IS over min(IS_SPLITS, N) parts."""
-  splits = min(IS_SPLITS, features.count)
+  """{"mean", "std", "splits"} of IS over up to IS_SPLITS parts of at least IS_MIN_SPLIT_SIZE images.
+
+  A set smaller than 2 x IS_MIN_SPLIT_SIZE is scored whole: splits 1, std 0.
+  """
+  splits = min(IS_SPLITS, max(1, features.count // IS_MIN_SPLIT_SIZE))
   mean, std = fid.inception_score(features.probs(), splits)
   return {"mean": mean, "std": std, "splits": splits}
 
@@ -127,9 +128,12 @@ def distances(real: fid.FeatureAccumulator, other: fid.FeatureAccumulator) -> di
           for key, name in (("fid", "pooled"), ("sfid", "spatial"))}
 
 
-def _has_labels(record_dir: str) -> bool:
-  """Whether any mask of the folder holds a class pixel (its manifest counts them)."""
-  return any(records.read_manifest(record_dir)["class_pixels"])
+def _scorable_manifest(record_dir: str) -> dict:
+  """The folder's verified manifest, after checking it holds the 2 images a covariance needs."""
+  manifest = records.read_manifest(record_dir)
+  if manifest["num_examples"] < 2:
+    raise TooFewImagesError(f"FID and sFID need at least 2 images; {record_dir} holds {manifest['num_examples']}")
+  return manifest
 
 
 def _without_nan(scores: dict[str, float]) -> dict[str, float | None]:
@@ -152,17 +156,20 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
   """
   d = config.data
   stem = output_name(name)
+  train_dir = os.path.join(workdir, "data", "train")
+  _scorable_manifest(train_dir)
+  # The manifest counts each class's pixels: none means masks without labels (all no-data).
+  has_labels = any(_scorable_manifest(synthetic_dir)["class_pixels"])
   mesh = parallel.make_mesh()
   encoder_config = metric_encoder_config(config)
   model, variables, step = restore_metric_encoder(config, workdir, mesh)
   encoder = weights_id(variables, step)
   extract = make_extractor(model, mesh)
 
-  train_dir = os.path.join(workdir, "data", "train")
   real, synthetic = (accumulate_features(encoder_config, extract, variables, record_dir, mesh)
                      for record_dir in (train_dir, synthetic_dir))
   fidelity, result = None, None
-  if _has_labels(synthetic_dir):
+  if has_labels:
     result = evaluate.evaluate_split(encoder_config, model, variables, synthetic_dir, mesh)
     fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
   summary = {
@@ -182,7 +189,8 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
                 f"over {synthetic.count} synthetic vs {real.count} real images ({encoder})")
     if fidelity is not None:
       headline += f"; label fidelity mIoU {fidelity['miou']:.3f}"
-      title = f"{stem}: label fidelity of {synthetic.count} synthetic pairs under {encoder}"
+      title = (f"{stem}: label fidelity of {synthetic.count} synthetic pairs (FID {summary['fid']:.4g}) "
+               f"under {encoder}")
       viz.save_png(evaluate.report_picture(config, result.preview, fidelity, title),
                    os.path.join(workdir, "report", f"{stem}.png"))
     print(headline, flush=True)

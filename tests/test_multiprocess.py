@@ -103,7 +103,7 @@ def _final_state(config, workdir: str):
 
 
 def _metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics", f"{diffusion.model_name(config)}.jsonl")
+  path = os.path.join(workdir, "metrics", "diffusion.jsonl")
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
 
@@ -195,7 +195,7 @@ def test_final_params_equal_a_single_process_run(runs):
 def test_only_process_0_writes_metrics_and_the_preview(runs):
   _, multi, _, _ = runs
   assert os.path.exists(os.path.join(multi, "samples", "diffusion_step00000004.png"))
-  metric_files = sorted(os.listdir(os.path.join(multi, "metrics", diffusion.model_name(config))))
+  metric_files = sorted(os.listdir(os.path.join(multi, "metrics", "diffusion")))
   assert len(metric_files) == 1 and metric_files[0].startswith("events.out.tfevents.")
 
 

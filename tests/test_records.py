@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import io
-import json
 import pickle
 import shutil
 

@@ -24,7 +24,7 @@ import os
 import pathlib
 import struct
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import crc32c
 import numpy as np

@@ -42,7 +42,7 @@ def make_schedule(config) -> schedule.Schedule:
   return schedule.linear_schedule(d.timesteps, d.beta_start, d.beta_end)
 
 
-def _apply(model: UNet):
+def apply_fn(model: UNet):
   """(params, x, t, *, train, rngs, cond) -> prediction: the signature the diffusion math uses."""
 
   def apply(params, x, t, *, train, rngs, cond):
@@ -51,21 +51,23 @@ def _apply(model: UNet):
   return apply
 
 
-def init_state(config, model: UNet, rng: jax.Array) -> TrainState:
+def init_state(config, model: UNet, rng: jax.Array, *, train_config=None, conditional: bool = False) -> TrainState:
+  """Fresh state at config.data.image_size; `conditional` adds G_SR's condition input."""
+  t = train_config or config.train
   size = config.data.image_size
   x = jnp.zeros((1, size, size, joint_channels(config)), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,), jnp.int32))["params"]
-  tx, _ = optim.make_optimizer(config.train)
-  return TrainState.create(params, tx, rng, ema_decay=config.train.ema_decay)
+  params = model.init(rng, x, jnp.zeros((1,), jnp.int32), cond=x if conditional else None)["params"]
+  tx, _ = optim.make_optimizer(t)
+  return TrainState.create(params, tx, rng, ema_decay=t.ema_decay)
 
 
 def train_step(state: TrainState, batch, *, model: UNet, sched: schedule.Schedule, prediction: str,
                lr_schedule) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch {"x": [B, S, S, C]}; pure, jitted by the loop."""
+  """One optimizer step on a global batch {"x": [B, S, S, C]} (+ "cond" for G_SR; only x is noised)."""
 
   def loss_fn(params):
-    return schedule.diffusion_loss(_apply(model), params, sched, batch["x"], state.step_rng(),
-                                   prediction=prediction, train=True)
+    return schedule.diffusion_loss(apply_fn(model), params, sched, batch["x"], state.step_rng(),
+                                   prediction=prediction, train=True, cond=batch.get("cond"))
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   per_channel = aux["loss_per_channel"]
@@ -92,7 +94,7 @@ def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
     raise ValueError(f"config.sample.sampler={sampler!r}: must be 'ddpm' or 'ddim'")
 
   def generate(params, rng):
-    denoise = sampling.make_denoise_fn(_apply(model), params)
+    denoise = sampling.make_denoise_fn(apply_fn(model), params)
     if sampler == "ddpm":
       return sampling.sample_ddpm(denoise, sched, shape, rng, prediction=prediction, sharding=sharding)
     return sampling.sample_ddim(denoise, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta,

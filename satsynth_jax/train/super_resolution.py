@@ -24,13 +24,12 @@ import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 
 from satsynth_jax import checkpoint, labels, parallel, viz
 from satsynth_jax.config_check import ConfigError
 from satsynth_jax.data import pipeline, records
-from satsynth_jax.diffusion import sampling, schedule
+from satsynth_jax.diffusion import sampling
 from satsynth_jax.models.unet import UNet
 from satsynth_jax.train import diffusion, loop, optim
 from satsynth_jax.train.state import TrainState
@@ -159,36 +158,8 @@ def make_model(config) -> UNet:
   return diffusion.make_model(high_res_config(config))
 
 
-def _apply(model: UNet):
-  """(params, x, t, *, train, rngs, cond) -> prediction: the signature the diffusion math uses."""
-
-  def apply(params, x, t, *, train, rngs, cond):
-    return model.apply({"params": params}, x, t, cond=cond, train=train, rngs=rngs)
-
-  return apply
-
-
 def init_state(config, model: UNet, rng: jax.Array) -> TrainState:
-  size = config.sr.image_size
-  x = jnp.zeros((1, size, size, diffusion.joint_channels(config)), jnp.float32)
-  params = model.init(rng, x, jnp.zeros((1,), jnp.int32), cond=x)["params"]
-  tx, _ = optim.make_optimizer(config.sr.train)
-  return TrainState.create(params, tx, rng, ema_decay=config.sr.train.ema_decay)
-
-
-def train_step(state: TrainState, batch, *, model: UNet, sched: schedule.Schedule, prediction: str,
-               lr_schedule) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch {"x", "cond": [B, S, S, C]}; only x is noised."""
-
-  def loss_fn(params):
-    return schedule.diffusion_loss(_apply(model), params, sched, batch["x"], state.step_rng(),
-                                   prediction=prediction, train=True, cond=batch["cond"])
-
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = {"loss": loss, "loss_image": jnp.mean(aux["loss_per_channel"][:3]),
-             "loss_label": jnp.mean(aux["loss_per_channel"][3:]), "grad_norm": optax.tree.norm(grads),
-             "lr": lr_schedule(state.step)}
-  return state.apply_gradients(grads), metrics
+  return diffusion.init_state(high_res_config(config), model, rng, conditional=True)
 
 
 def make_upsample_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_steps: int = 50,
@@ -216,7 +187,7 @@ def make_upsample_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
       raise ValueError(f"low-res joint has shape {low_res_joint.shape}, expected {expected} "
                        f"(num, data.image_size, data.image_size, 3 + label channels)")
     cond = upsample_condition(low_res_joint, factor, d.num_classes, d.label_encoding)
-    denoise = sampling.make_denoise_fn(_apply(model), params, jax.lax.with_sharding_constraint(cond, sharding))
+    denoise = sampling.make_denoise_fn(diffusion.apply_fn(model), params, jax.lax.with_sharding_constraint(cond, sharding))
     shape = (num, size, size, channels)
     if sampler == "ddpm":
       return sampling.sample_ddpm(denoise, sched, shape, rng, prediction=prediction, sharding=sharding)
@@ -288,7 +259,7 @@ def make_task(config, workdir: str, mesh) -> loop.Task:
   return loop.Task(
       name=MODEL_NAME,
       init=functools.partial(init_state, config, model),
-      step=functools.partial(train_step, model=model, sched=sched, prediction=config.diffusion.prediction,
+      step=functools.partial(diffusion.train_step, model=model, sched=sched, prediction=config.diffusion.prediction,
                              lr_schedule=lr_schedule),
       make_batches=lambda: iter(sr_batches(config, real_dir, batch_size=batch, seed=config.seed)),
       preview=preview,

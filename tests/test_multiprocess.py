@@ -188,8 +188,8 @@ def test_final_params_equal_a_single_process_run(runs):
     for x, y in zip(leaves_a, leaves_b):
       # The two runs sum gradients in different orders. Adam divides by sqrt(v), so a
       # parameter whose gradient is ~0 takes a rounding-noise-sized step in either run:
-      # atol is 1% of one step at lr=1e-3, far below what a wrong batch would cause.
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5, err_msg=name)
+      # atol is 5% of one step at lr=1e-3, far below what a wrong batch would cause.
+      np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5, err_msg=name)
 
 
 def test_only_process_0_writes_metrics_and_the_preview(runs):

@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import subprocess
+import sys
 
 # Must precede the first jax import in the session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
@@ -41,3 +43,24 @@ def load_config(name: str, **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def config_flag(key: str, value) -> str:
+  """A command-line override: config_flag("model.ch_mult", (1, 2)) -> "--config.model.ch_mult=(1,2)"."""
+  if isinstance(value, tuple):
+    value = f"({','.join(map(str, value))})"
+  return f"--config.{key}={value}"
+
+
+def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout: int = 900) -> str:
+  """`python -m satsynth_jax.main` as a user runs it, on one CPU device; asserts success, returns stdout.
+
+  One device: 4 virtual ones on 2 shared cores only add all-reduce copies. The compile cache
+  set above is shared with these subprocesses.
+  """
+  cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", f"--mode={mode}",
+         f"--workdir={workdir}", *(config_flag(k, v) for k, v in overrides.items())]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout

@@ -1,10 +1,6 @@
 """--mode=pipeline: a shrunken demo runs every stage, writes the comparison table, and resumes."""
 
-import os
-import subprocess
-import sys
-
-from conftest import REPO
+from conftest import run_main
 
 SHRUNK = {
     "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.patch_size": 32, "data.image_size": 16,
@@ -18,13 +14,7 @@ SHRUNK = {
 
 
 def _pipeline(workdir) -> str:
-  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=pipeline",
-         f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in SHRUNK.items())]
-  # One device: the tiny models gain nothing from 4 virtual ones on 2 cores.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-  result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return result.stdout
+  return run_main("pipeline", workdir, SHRUNK)
 
 
 def test_pipeline_runs_every_stage_writes_the_table_and_skips_finished_stages(tmp_path):

@@ -8,18 +8,16 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import load_config, run_main
 from satsynth_jax import checkpoint, evaluate, parallel, sample_quality
 from satsynth_jax.data import prepare, records
 from satsynth_jax.metrics import segmentation as seg_metrics
 from satsynth_jax.train import segmentation
-from test_train_segmentation import NUM_TRAIN, SIZE, TINY, _flag
+from test_train_segmentation import NUM_TRAIN, SIZE, TINY
 
 ENCODER_ID = re.compile(r"metric_encoder@30:[0-9a-f]{12}")
 
@@ -44,19 +42,8 @@ def write_pairs(directory, config, images, masks) -> None:
 
 @pytest.fixture(scope="module")
 def cli():
-  """cli(mode, workdir, overrides) runs `python -m satsynth_jax.main` on TINY + overrides."""
-  # One XLA device (see test_train_segmentation.py) and one BLAS thread: FID eigendecomposes
-  # 2048 x 2048 covariances, and two BLAS threads per process thrash on the shared cores.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "OPENBLAS_NUM_THREADS": "1"}
-
-  def run(mode: str, workdir, overrides: dict | None = None) -> str:
-    cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--mode={mode}",
-           f"--workdir={workdir}", *(_flag(k, v) for k, v in {**TINY, **(overrides or {})}.items())]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-  return run
+  """cli(mode, workdir, overrides) runs the CLI on TINY + overrides (conftest sets one BLAS thread for FID)."""
+  return lambda mode, workdir, overrides=None: run_main(mode, workdir, {**TINY, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")

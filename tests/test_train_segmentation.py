@@ -9,15 +9,13 @@ import functools
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 from flax import traverse_util
 
-from conftest import REPO, load_config
+from conftest import load_config, run_main
 from satsynth_jax import evaluate, parallel
 from satsynth_jax.data import prepare, records
 from satsynth_jax.metrics import segmentation as seg_metrics
@@ -41,26 +39,10 @@ NUM_TRAIN = 4
 SIZE = 16
 
 
-def _flag(key: str, value) -> str:
-  if isinstance(value, tuple):
-    value = f"({','.join(map(str, value))})"
-  return f"--config.{key}={value}"
-
-
 @pytest.fixture(scope="module")
-def cli(tmp_path_factory):
-  """cli(mode, workdir, overrides) runs `python -m satsynth_jax.main` on TINY + overrides; returns stdout."""
-  # One device: 4 virtual ones make each step ~4x slower; conftest's XLA cache is shared.
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-
-  def run(mode: str, workdir, overrides: dict | None = None) -> str:
-    cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--mode={mode}",
-           f"--workdir={workdir}", *(_flag(k, v) for k, v in {**TINY, **(overrides or {})}.items())]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
-
-  return run
+def cli():
+  """cli(mode, workdir, overrides) runs the CLI on TINY + overrides; returns stdout."""
+  return lambda mode, workdir, overrides=None: run_main(mode, workdir, {**TINY, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")

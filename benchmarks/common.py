@@ -20,6 +20,8 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 
+from satsynth_jax import parallel
+
 # Dense peak TFLOP/s per device by `device_kind` substring (first match wins): (bfloat16, float32).
 # float32 figures are the rates XLA's default precision runs at: TF32 tensor cores on NVIDIA
 # GPUs, single-pass bfloat16 MXU passes on TPUs.
@@ -46,6 +48,25 @@ class Program:
 
   call: Call
   compile_seconds: float  # lowering + compilation, kept out of the timing
+
+
+@dataclasses.dataclass
+class ShardedSetup:
+  """What a train step needs, as the training loop builds it: one mesh, state replicated, batch sharded."""
+
+  mesh: jax.sharding.Mesh
+  replicated: jax.sharding.NamedSharding
+  batched: jax.sharding.NamedSharding
+  state: object
+
+
+def sharded_setup(init: Callable, batch: int, seed: int) -> ShardedSetup:
+  """A mesh over all devices (batch must split over it) and `init(rng)` jitted onto it, replicated."""
+  mesh = parallel.make_mesh()
+  parallel.per_process_batch_size(batch, "--batch", mesh)
+  replicated = parallel.replicated(mesh)
+  state = jax.jit(init, out_shardings=replicated)(jax.random.key(seed))
+  return ShardedSetup(mesh, replicated, parallel.batch_sharding(mesh), state)
 
 
 def cpu_model() -> str:

@@ -34,7 +34,6 @@ import numpy as np
 
 from benchmarks import common
 from configs import demo, isaid
-from satsynth_jax import parallel
 from satsynth_jax.train import diffusion, optim
 
 CONFIGS = {"demo": demo, "isaid": isaid}
@@ -60,12 +59,9 @@ class JaxUNet:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    self.mesh = parallel.make_mesh()
-    parallel.per_process_batch_size(batch, "--batch", self.mesh)
-    self.replicated, self.batched = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
     self.model = diffusion.make_model(config)
-    init = functools.partial(diffusion.init_state, config, self.model)
-    self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.key(config.seed))
+    setup = common.sharded_setup(functools.partial(diffusion.init_state, config, self.model), batch, config.seed)
+    self.mesh, self.replicated, self.batched, self.state = setup.mesh, setup.replicated, setup.batched, setup.state
     size, channels = config.data.image_size, diffusion.joint_channels(config)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     self.x = jax.device_put(x, self.batched)

@@ -30,7 +30,6 @@ import numpy as np
 
 from benchmarks import common
 from configs import isaid
-from satsynth_jax import parallel
 from satsynth_jax.train import optim, segmentation
 
 CPU_BATCH = 2
@@ -43,12 +42,9 @@ class JaxFPN:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    self.mesh = parallel.make_mesh()
-    parallel.per_process_batch_size(batch, "--batch", self.mesh)
-    self.replicated, self.batched = parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)
     self.model = segmentation.make_model(config)
-    init = functools.partial(segmentation.init_state, config, self.model)
-    self.state = jax.jit(init, out_shardings=self.replicated)(jax.random.key(config.seed))
+    setup = common.sharded_setup(functools.partial(segmentation.init_state, config, self.model), batch, config.seed)
+    self.mesh, self.replicated, self.batched, self.state = setup.mesh, setup.replicated, setup.batched, setup.state
     images, masks = random_batch(batch, config.data.image_size, config.data.num_classes)
     self.batch_arrays = jax.device_put(
         {"image": images, "mask": masks, "is_synthetic": np.zeros((batch,), bool)}, self.batched)

@@ -7,16 +7,17 @@ setup(
     description="SatSynth in JAX/Flax: synthesise image-mask pairs with diffusion to train aerial segmenters.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    # The pinned jax, flax, grain, orbax and scikit-image releases need Python 3.11.
+    python_requires=">=3.11",
     # configs/ ships too, so config files can `from configs import default` from any directory.
     packages=find_packages(include=["satsynth_jax", "satsynth_jax.*", "configs"]),
+    entry_points={"console_scripts": ["satsynth = satsynth_jax.main:run"]},
     install_requires=[
         "jax>=0.7,<0.11",
         "flax>=0.11,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.11.20,<0.13",
         "grain>=0.2.12,<0.3",
-        "tensorflow-datasets>=4.9,<5",
         "ml-collections>=1.0,<2",
         "numpy>=1.26,<3",
         "pillow>=10,<14",
@@ -24,14 +25,16 @@ setup(
         "absl-py>=2,<3",
         "protobuf>=4.25,<8",
         "crc32c>=2.4,<3",
+        "safetensors>=0.4,<1",  # torchvision ResNet-50 weights without torch
         "tifffile>=2024.1",
         "tqdm>=4.66,<5",
         "etils[epath]>=1.5",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "scipy>=1.11"],
-        # Only the TFRecord interop test needs TensorFlow; nothing at run time does.
-        "tf": ["tensorflow-cpu>=2.20,<3"],
+        # TensorFlow and TFDS read our sets in the interop tests; nothing at run time imports them
+        # (the TFDS metadata beside each set is written as plain JSON).
+        "tf": ["tensorflow-cpu>=2.20,<3", "tensorflow-datasets>=4.9,<5"],
         # Benchmark peers only (benchmarks/): never imported by the package.
         "bench": ["torch>=2.1,<3", "diffusers>=0.27,<1", "segmentation-models-pytorch>=0.3.3,<1"],
     },

@@ -51,22 +51,21 @@ class Program:
 
 
 @dataclasses.dataclass
-class ShardedSetup:
-  """What a train step needs, as the training loop builds it: one mesh, state replicated, batch sharded."""
+class TaskSetup:
+  """A model's train step exactly as the training loop builds it (loop.init_state, loop.compile_step)."""
 
   mesh: jax.sharding.Mesh
-  replicated: jax.sharding.NamedSharding
   batched: jax.sharding.NamedSharding
   state: object
+  step: Callable  # the loop's jitted step
 
 
-def sharded_setup(init: Callable, batch: int, seed: int) -> ShardedSetup:
-  """A mesh over all devices (batch must split over it) and `init(rng)` jitted onto it, replicated."""
+def task_setup(task, batch: int, seed: int) -> TaskSetup:
+  """A mesh over all devices (batch must split over it), the task's state born on it and its jitted step."""
+  from satsynth_jax.train import loop  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   parallel.per_process_batch_size(batch, "--batch", mesh)
-  replicated = parallel.replicated(mesh)
-  state = jax.jit(init, out_shardings=replicated)(jax.random.key(seed))
-  return ShardedSetup(mesh, replicated, parallel.batch_sharding(mesh), state)
+  return TaskSetup(mesh, parallel.batch_sharding(mesh), loop.init_state(task, mesh, seed), loop.compile_step(task, mesh))
 
 
 def cpu_model() -> str:

@@ -4,7 +4,7 @@ Run from the repository root (needs the `bench` extra for the peer):
 
   python -m benchmarks.diffusion --configs=demo,isaid --dtype=float32
 
-For each config it builds G from `config.model` and the same architecture in diffusers
+For each config it builds G from `config.diffusion.model` and the same architecture in diffusers
 (block_out_channels = ch * ch_mult, attention blocks exactly at `attn_resolutions`, one
 head, GroupNorm 32, DDPM time embedding; parameter counts must agree within 2%), then
 times, on the same batch size and compute dtype:
@@ -34,7 +34,8 @@ import numpy as np
 
 from benchmarks import common
 from configs import demo, isaid
-from satsynth_jax.train import diffusion, optim
+from satsynth_jax import generator, parallel
+from satsynth_jax.train import diffusion
 
 CONFIGS = {"demo": demo, "isaid": isaid}
 CPU_BATCH = {"demo": 16, "isaid": 2}  # keeps a CPU run of both configs within minutes
@@ -59,10 +60,13 @@ class JaxUNet:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    self.model = diffusion.make_model(config)
-    setup = common.sharded_setup(functools.partial(diffusion.init_state, config, self.model), batch, config.seed)
-    self.mesh, self.replicated, self.batched, self.state = setup.mesh, setup.replicated, setup.batched, setup.state
-    size, channels = config.data.image_size, diffusion.joint_channels(config)
+    self.model = generator.build_g(config)
+    config.diffusion.train.sample_every = 0  # no preview grid: only the step is timed
+    config.diffusion.train.batch_size = batch
+    # The loop's own task and jitted step (its input pipeline is never opened here).
+    setup = common.task_setup(diffusion.make_task(config, "unused-workdir", parallel.make_mesh()), batch, config.seed)
+    self.mesh, self.batched, self.state, self.step = setup.mesh, setup.batched, setup.state, setup.step
+    size, channels = config.data.image_size, generator.joint_channels(config)
     x = np.random.default_rng(0).uniform(-1, 1, (batch, size, size, channels)).astype(np.float32)
     self.x = jax.device_put(x, self.batched)
 
@@ -78,14 +82,9 @@ class JaxUNet:
 
   def train_program(self) -> tuple[common.Program, float]:
     """(one optimizer step on the batch, its FLOPs per image)."""
-    _, lr_schedule = optim.make_optimizer(self.config.train)
-    step = jax.jit(functools.partial(diffusion.train_step, model=self.model, sched=diffusion.make_schedule(self.config),
-                                     prediction=self.config.diffusion.prediction, lr_schedule=lr_schedule),
-                   in_shardings=(self.replicated, self.batched), out_shardings=(self.replicated, self.replicated),
-                   donate_argnums=0)
     batch = {"x": self.x}
     with jax.set_mesh(self.mesh):
-      compiled, compile_s = common.compile_jax(step, self.state, batch)
+      compiled, compile_s = common.compile_jax(self.step, self.state, batch)
 
     def call():
       self.state, metrics = compiled(self.state, batch)
@@ -99,7 +98,7 @@ class JaxUNet:
     if sampler == "ddpm":  # a shorter schedule: DDPM runs one step per timestep
       config = copy.deepcopy(config)
       config.diffusion.timesteps = run_steps
-    generate = diffusion.make_generate_fn(config, self.model, self.mesh, self.batch, sampler=sampler,
+    generate = generator.make_generate_fn(config, self.model, self.mesh, self.batch, sampler=sampler,
                                           ddim_steps=run_steps)
     params, rng = self.state.params, jax.random.key(1)
     with jax.set_mesh(self.mesh):
@@ -108,12 +107,12 @@ class JaxUNet:
 
 
 def diffusers_unet(config):
-  """diffusers' UNet2DModel laid out like `config.model` (Ho et al.'s DDPM network)."""
+  """diffusers' UNet2DModel laid out like `config.diffusion.model` (Ho et al.'s DDPM network)."""
   from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top  (the `bench` extra)
 
-  m, size = config.model, config.data.image_size
+  m, size = config.diffusion.model, config.data.image_size
   resolutions = [size // 2**level for level in range(len(m.ch_mult))]
-  channels = diffusion.joint_channels(config)
+  channels = generator.joint_channels(config)
   return UNet2DModel(
       sample_size=size, in_channels=channels, out_channels=channels,
       block_out_channels=tuple(m.ch * mult for mult in m.ch_mult),
@@ -133,7 +132,7 @@ class DiffusersUNet:
     self.config, self.batch, self.torch, self.device = config, batch, torch, device
     torch.manual_seed(config.seed)
     self.model = diffusers_unet(config).to(device)
-    size, channels = config.data.image_size, diffusion.joint_channels(config)
+    size, channels = config.data.image_size, generator.joint_channels(config)
     self.shape = (batch, channels, size, size)
     self.x = torch.rand(self.shape, device=device) * 2 - 1
     # bfloat16 as ours: float32 params, bfloat16 compute where autocast allows it.
@@ -142,7 +141,7 @@ class DiffusersUNet:
     d = config.diffusion
     self.schedule_kwargs = dict(num_train_timesteps=d.timesteps, beta_start=d.beta_start, beta_end=d.beta_end,
                                 beta_schedule="linear", clip_sample=True)
-    abar = np.asarray(diffusion.make_schedule(config).alphas_cumprod)
+    abar = np.asarray(generator.make_schedule(config).alphas_cumprod)
     self.alphas_cumprod = torch.tensor(abar, device=device)
 
   @property
@@ -155,7 +154,7 @@ class DiffusersUNet:
 
   def train_call(self) -> common.Call:
     """One optimizer step on the batch."""
-    torch, t = self.torch, self.config.train
+    torch, t = self.torch, self.config.diffusion.train
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn  # pylint: disable=g-import-not-at-top
 
     optimizer = torch.optim.Adam(self.model.parameters(), lr=t.lr)
@@ -217,10 +216,10 @@ def benchmark_config(name: str, args, torch, device) -> tuple[list[object], list
   config = CONFIGS[name].get_config()
   config.dtype = args.dtype
   on_cpu = jax.default_backend() == "cpu"
-  batch = args.batch or (CPU_BATCH[name] if on_cpu else config.train.batch_size)
+  batch = args.batch or (CPU_BATCH[name] if on_cpu else config.diffusion.train.batch_size)
   iterations = args.steps or (CPU_STEPS if on_cpu else ACCELERATOR_STEPS)
   sample_steps = CPU_SAMPLE_STEPS if args.sample_steps is None and on_cpu else args.sample_steps or 0
-  config.train.batch_size = batch
+  config.diffusion.train.batch_size = batch
 
   ours = JaxUNet(config, batch)
   peer = DiffusersUNet(config, batch, args.dtype, torch, device) if torch is not None else None
@@ -229,8 +228,8 @@ def benchmark_config(name: str, args, torch, device) -> tuple[list[object], list
     assert abs(ratio - 1) <= PARAM_TOLERANCE, (
         f"{name}: diffusers UNet2DModel has {peer.num_params} params, ours {ours.num_params}: "
         f"the architectures differ by more than {PARAM_TOLERANCE:.0%}")
-  m, size = config.model, config.data.image_size
-  model_row = [name, f"{size}x{size}x{diffusion.joint_channels(config)}",
+  m, size = config.diffusion.model, config.data.image_size
+  model_row = [name, f"{size}x{size}x{generator.joint_channels(config)}",
                f"ch {m.ch}, mult {tuple(m.ch_mult)}, {m.num_res_blocks} blocks, attn {tuple(m.attn_resolutions)}",
                batch, args.dtype, f"{ours.num_params:,}", f"{peer.num_params:,}" if peer else "-"]
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from benchmarks import common
 from configs import isaid
-from satsynth_jax.train import optim, segmentation
+from satsynth_jax import parallel, segmenter
+from satsynth_jax.train import segmentation
 
 CPU_BATCH = 2
 CPU_STEPS = 3
@@ -42,9 +43,14 @@ class JaxFPN:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    self.model = segmentation.make_model(config)
-    setup = common.sharded_setup(functools.partial(segmentation.init_state, config, self.model), batch, config.seed)
-    self.mesh, self.replicated, self.batched, self.state = setup.mesh, setup.replicated, setup.batched, setup.state
+    run = segmenter.Run.from_config(config)
+    self.model = segmenter.build(config, run.architecture)
+    config.segmentation.train.batch_size = batch
+    # The loop's own task and jitted step (its input pipeline is never opened here).
+    setup = common.task_setup(segmentation.make_task(config, "unused-workdir", parallel.make_mesh(), run), batch,
+                              config.seed)
+    self.mesh, self.batched, self.state, self.step = setup.mesh, setup.batched, setup.state, setup.step
+    self.replicated = parallel.replicated(self.mesh)
     images, masks = random_batch(batch, config.data.image_size, config.data.num_classes)
     self.batch_arrays = jax.device_put(
         {"image": images, "mask": masks, "is_synthetic": np.zeros((batch,), bool)}, self.batched)
@@ -55,13 +61,8 @@ class JaxFPN:
 
   def train_program(self) -> tuple[common.Program, float]:
     """(one optimizer step on the batch, its FLOPs per image)."""
-    _, lr_schedule = optim.make_optimizer(self.config.segmentation.train)
-    step = jax.jit(functools.partial(segmentation.train_step, model=self.model,
-                                     ignore_index=self.config.data.ignore_index, lr_schedule=lr_schedule),
-                   in_shardings=(self.replicated, self.batched), out_shardings=(self.replicated, self.replicated),
-                   donate_argnums=0)
     with jax.set_mesh(self.mesh):
-      compiled, compile_s = common.compile_jax(step, self.state, self.batch_arrays)
+      compiled, compile_s = common.compile_jax(self.step, self.state, self.batch_arrays)
 
     def call():
       self.state, metrics = compiled(self.state, self.batch_arrays)

@@ -1,14 +1,58 @@
-"""Shared defaults. Dataset configs import this and override `data` fields only.
+"""Shared defaults and presets. Dataset configs call `get_config(arg)` and change `data` fields only.
 
-Values the paper fixes are marked (paper); the rest are our documented defaults for
-what it leaves open (../shared/PAPER.md, "What the paper leaves open").
+Presets (big_vision style, `--config=configs/loveda.py:cpu`) change budgets, never code paths:
+  paper  (the default) the paper's 128 px model and the budgets we chose for what it leaves
+         open; meant for accelerators.
+  cpu    small models and short schedules that finish on a 2-core CPU: a 32 px U-Net with x0
+         prediction (eps drifts in colour at ~1k steps), a ResNet-14 FPN, DDIM sampling.
+
+Values the paper fixes are marked (paper); the rest are our documented defaults for what it
+leaves open (../shared/PAPER.md, "What the paper leaves open").
 """
 
 import ml_collections
 
+PRESETS = ("paper", "cpu")
 
-def get_config():
+
+def train_section(**overrides) -> ml_collections.ConfigDict:
+  """One model's training settings (G, G_SR, the segmenter, the metric encoder): DDPM-style defaults."""
+  t = ml_collections.ConfigDict(dict(
+      batch_size=64,  # global, split over all devices
+      num_steps=200_000,
+      optimizer="adam",  # adam | adamw
+      lr=2e-4,
+      schedule="constant",  # after warmup: constant | poly | cosine
+      poly_power=0.9,
+      weight_decay=0.0,
+      warmup_steps=5000,
+      grad_clip=1.0,  # 0 disables
+      ema_decay=0.9999,  # 0 disables EMA
+      log_every=100,
+      checkpoint_every=5000,
+      keep_checkpoints=3,
+      sample_every=10_000,  # PNG grid of EMA samples (diffusion models); 0 disables
+      num_grid_samples=16,
+      grid_sampler_steps=50,  # DDIM steps for the periodic grid (a cheap preview)
+  ))
+  t.update(overrides)
+  return t
+
+
+def unet_section(**overrides) -> ml_collections.ConfigDict:
+  """A DDPM U-Net layout (Ho et al. 2020): channels, multipliers per level, blocks, attention."""
+  m = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(16,),
+                                     dropout=0.0))
+  m.update(overrides)
+  return m
+
+
+def get_config(arg=None):
+  preset = arg or "paper"
+  if preset not in PRESETS:
+    raise ValueError(f"unknown config preset {preset!r}; presets: {', '.join(PRESETS)}")
   c = ml_collections.ConfigDict()
+  c.preset = preset
   c.seed = 0
   c.dtype = "float32"  # compute dtype: float32 or bfloat16 (params stay float32)
 
@@ -19,10 +63,12 @@ def get_config():
   d.num_classes = 2
   d.class_names = ("background", "foreground")
   d.palette = ((0, 0, 0), (255, 255, 255))  # RGB per class, for previews and RGB masks
-  d.ignore_index = 255  # mask value for no-data pixels
+  d.ignore_index = 255  # mask value for no-data pixels (65535 when num_classes > 255)
+  d.background_index = -1  # a class that is "everything else" (iSAID: 0), left out of "w/o bg" means; -1: none
   d.mask_format = "index"  # folder format: index masks, or rgb masks coded with `palette`
   d.label_offset = 0  # added to raw mask values (LoveDA/OEM store classes as 1..K)
   d.ignore_raw_values = ()  # raw mask values that mean no-data
+  d.max_image_pixels = 0  # refuse larger source images (decompression bombs); 0: Pillow's limit
   d.patch_size = 256  # prepare tiles scenes into non-overlapping patches of this size
   d.patch_stride = 0  # 0: equal to patch_size
   d.val_fraction = 0.1  # for sources without an official val split
@@ -31,41 +77,29 @@ def get_config():
   d.resize = "resize"  # resize | crop: how patches reach image_size
   d.augment = True  # flips and rot90, identical on image and mask
   d.label_encoding = "bits"  # bits (paper) | onehot (ablation)
-  d.ignore_fill_class = 0  # no-data pixels become this class in diffusion inputs
+  # No-data pixels get a code of their own in G's label channels (the spare bit code when
+  # K < 2^bits, else one more bit; one more channel for one-hot) and decode back to no-data,
+  # so synthetic masks never teach a class the real loss ignores. False: the paper's codec,
+  # with no-data filled with ignore_fill_class (for datasets without no-data, e.g. iSAID).
+  d.no_data_code = True
+  d.ignore_fill_class = 0
+  d.max_no_data_fraction = 0.5  # prepare drops train patches with more no-data than this (1.0 keeps all)
   d.read_threads = 4
+  # The segmenter's synthetic share: R x |D| synthetic pairs join training (0 = real only),
+  # mixed into every batch at synthetic_fraction (paper: balanced, real oversampled).
+  d.synthetic_ratio = 0
+  d.synthetic_dir = ""  # default: the synthetic set this config's generator samples
+  d.synthetic_fraction = 0.5
 
-  # ---- G: the joint image+mask DDPM U-Net (Ho et al. 2020 layout for 128px) ----
-  c.model = m = ml_collections.ConfigDict()
-  m.ch = 128
-  m.ch_mult = (1, 1, 2, 3, 4)
-  m.num_res_blocks = 2
-  m.attn_resolutions = (16,)
-  m.dropout = 0.0
-
+  # ---- G: the joint image+mask DDPM ----
   c.diffusion = f = ml_collections.ConfigDict()
   f.timesteps = 1000  # (paper)
   f.beta_start = 1e-4  # (paper) linear schedule
   f.beta_end = 2e-2  # (paper)
   f.prediction = "eps"  # eps (paper) | x0 (ablation)
   f.joint_labels = True  # False: Table 1's image-only DDPM baseline (same U-Net, no label channels)
-
-  # ---- training G (DDPM defaults) ----
-  c.train = t = ml_collections.ConfigDict()
-  t.batch_size = 64  # global, split over all devices
-  t.num_steps = 200_000
-  t.optimizer = "adam"
-  t.lr = 2e-4
-  t.schedule = "constant"  # after warmup
-  t.weight_decay = 0.0
-  t.warmup_steps = 5000
-  t.grad_clip = 1.0
-  t.ema_decay = 0.9999
-  t.log_every = 100
-  t.checkpoint_every = 5000
-  t.keep_checkpoints = 3
-  t.sample_every = 10_000  # PNG grid of EMA samples; 0 disables
-  t.num_grid_samples = 16
-  t.grid_sampler_steps = 50  # DDIM steps for the periodic grid (cheap preview)
+  f.model = unet_section()  # DDPM 128 px layout
+  f.train = train_section()
 
   # ---- sampling the synthetic set D' ----
   c.sample = s = ml_collections.ConfigDict()
@@ -79,44 +113,71 @@ def get_config():
   s.super_resolve = False  # cascade: G's pairs through G_SR (train_sr) to sr.image_size
   s.sr_checkpoint_step = -1  # -1: latest checkpoint of G_SR
 
-  # ---- --mode=pipeline ----
-  c.pipeline = ml_collections.ConfigDict()
-  c.pipeline.image_only_baseline = False  # also train/sample/score Table 1's image-only DDPM
-
-  # ---- the segmenter trained on D (R=0) or D u D' (paper: FPN with a ResNet-50) ----
-  d.synthetic_ratio = 0  # R used by the segmenter: R x |D| synthetic pairs join training; 0 = real only
-  d.synthetic_dir = ""  # default: <workdir>/synthetic
-  d.synthetic_fraction = 0.5  # share of each batch that is synthetic when R > 0 (paper: balanced)
-  c.segmentation = g = ml_collections.ConfigDict()
-  g.model = "fpn"  # fpn | unet (the U-Net head also serves as the FID metric encoder)
-  g.backbone_stages = (3, 4, 6, 3)  # ResNet-50
-  g.pretrained_path = ""  # optional .npz of torchvision ResNet-50 weights (tools/convert_torchvision_resnet50.py)
-  g.train = st = ml_collections.ConfigDict()
-  st.batch_size = 16
-  st.num_steps = 20_000
-  st.optimizer = "adamw"
-  st.lr = 1e-4
-  st.schedule = "poly"
-  st.poly_power = 0.9
-  st.weight_decay = 1e-2
-  st.warmup_steps = 500
-  st.grad_clip = 0.0
-  st.ema_decay = 0.0
-  st.log_every = 50
-  st.checkpoint_every = 1000
-  st.keep_checkpoints = 2
-  st.sample_every = 0
-  g.eval_batch_size = 16
-
   # ---- G_SR: super-resolution DDPM, data.image_size -> sr.image_size, conditioned on the
   # upsampled low-resolution pair; its noise schedule is config.diffusion's ----
   c.sr = r = ml_collections.ConfigDict()
   r.image_size = 256  # (paper) 128 -> 256; a multiple of data.image_size
-  r.model = rm = ml_collections.ConfigDict()  # DDPM 256 px layout
-  rm.ch = 128
-  rm.ch_mult = (1, 1, 2, 2, 4, 4)
-  rm.num_res_blocks = 2
-  rm.attn_resolutions = (16,)
-  rm.dropout = 0.0
-  r.train = ml_collections.ConfigDict(t.to_dict())  # G's training defaults, tuned separately
+  r.model = unet_section(ch_mult=(1, 1, 2, 2, 4, 4))  # DDPM 256 px layout
+  r.train = train_section()
+
+  # ---- the segmenter trained on D (R=0) or D u D' (paper: FPN with a ResNet-50) ----
+  c.segmentation = g = ml_collections.ConfigDict()
+  g.architecture = "fpn"  # fpn | unet (the U-Net head also serves as the FID metric encoder)
+  g.image_size = 0  # the segmenter's input size; 0: data.image_size (Table 2: 256, through the G_SR cascade)
+  g.resize_synthetic = False  # True: resize synthetic pairs of another size instead of refusing them
+  g.backbone_stages = (3, 4, 6, 3)  # ResNet-50
+  g.base_width = 64  # ResNet-50's widths (the only ones its ImageNet weights fit); scales FPN and decoder too
+  g.pretrained_path = ""  # optional .safetensors of torchvision ResNet-50 weights (README: ImageNet backbone)
+  g.train = train_section(batch_size=16, num_steps=20_000, optimizer="adamw", lr=1e-4, schedule="poly",
+                          weight_decay=1e-2, warmup_steps=500, grad_clip=0.0, ema_decay=0.0, log_every=50,
+                          checkpoint_every=1000, keep_checkpoints=2, sample_every=0)
+  g.eval_batch_size = 16
+
+  # ---- --mode=experiment: the paper's comparison as one resumable command ----
+  c.experiment = e = ml_collections.ConfigDict()
+  e.image_only_baseline = False  # also train/sample/score Table 1's image-only DDPM
+  e.seeds = 3  # segmenter runs per arm (seeds seed, seed+1, ...): the summary shows mean ± standard error
+  e.ratios = ()  # R of each D u D' arm, each <= sample.per_real (Table 2: (1, 2, 3, 4, 5)); (): (sample.per_real,)
+
+  # ---- curation: between sampling and segmenter training (curate.py, --mode=curate) ----
+  # A segmenter trained on real data only scores P x R x |D| sampled candidates: pixels whose
+  # loss against the generated mask exceeds their class's threshold over the pool become no-data,
+  # pairs whose masks the scorer mostly disagrees with are dropped, and R x |D| pairs are chosen
+  # from the rest (FreeMask, Yang et al. 2023, adapted).
+  c.curation = u = ml_collections.ConfigDict()
+  u.enabled = True  # sample draws the pool and the experiment adds the curated arm (False: the paper's D')
+  u.pool_factor = 2  # P >= 1: candidates sampled per pair kept
+  u.scorer = "real_only"  # real_only (the experiment's R=0 segmenter, seed `seed`) | metric_encoder
+  u.pixel_tolerance = 1.0  # class threshold = mean + pixel_tolerance x std of the pool's losses of that class
+  u.min_fidelity = 0.5  # drop pairs where the scorer agrees with less than this fraction of labelled pixels
+  u.selection = "hard_rare"  # hard_rare (weighted to hard and rare classes of the train split) | uniform
+
+  # ---- --mode=export: a set as PNG folders (images/, masks/, previews/, classes.json) ----
+  c.export = x = ml_collections.ConfigDict()
+  x.set = ""  # train | val | a set under <workdir>/synthetic/ | "": the set this config samples
+
+  if preset == "cpu":
+    _cpu(c)
   return c
+
+
+def _cpu(c) -> None:
+  """Budgets for a 2-core CPU: 32 px, a small U-Net, short schedules, a ResNet-14 FPN."""
+  c.data.image_size = 32
+  f = c.diffusion
+  # x0 prediction (the paper's ablation) gives coherent pairs within ~1k CPU steps, where
+  # eps prediction still drifts in colour.
+  f.prediction = "x0"
+  f.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+  f.train.update(batch_size=32, num_steps=800, lr=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
+                 checkpoint_every=200, sample_every=400)
+  c.sample.update(per_real=2, sampler="ddim", ddim_steps=50, batch_size=128, examples_per_shard=128)
+  g = c.segmentation
+  g.backbone_stages = (1, 1, 1, 1)  # a ResNet-14 instead of -50: same code, CPU-sized
+  g.train.update(batch_size=32, num_steps=400, lr=1e-3, warmup_steps=40, log_every=50, checkpoint_every=200)
+  g.eval_batch_size = 32
+  r = c.sr
+  r.image_size = 64
+  r.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
+  r.train.update(batch_size=16, num_steps=800, lr=1e-3, warmup_steps=50, ema_decay=0.99, log_every=50,
+                 checkpoint_every=200, sample_every=400)

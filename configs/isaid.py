@@ -26,13 +26,15 @@ CLASSES = (
 )
 
 
-def get_config():
-  c = default.get_config()
+def get_config(arg=None):
+  c = default.get_config(arg)
   d = c.data
   d.format = "isaid"
   d.num_classes = len(CLASSES)
   d.class_names = tuple(name for name, _ in CLASSES)
   d.palette = tuple(rgb for _, rgb in CLASSES)
   d.mask_format = "rgb"
+  d.no_data_code = False  # every iSAID pixel is labelled (background is a class): the paper's 4 bits
+  d.background_index = 0  # "everything else": left out of the "w/o background" means
   d.patch_size = 256
   return c

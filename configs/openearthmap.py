@@ -19,8 +19,8 @@ CLASSES = (
 )
 
 
-def get_config():
-  c = default.get_config()
+def get_config(arg=None):
+  c = default.get_config(arg)
   d = c.data
   d.format = "openearthmap"
   d.num_classes = len(CLASSES)

@@ -14,22 +14,27 @@ no jax.distributed set-up is needed.
 
 Commands:
   install  create --venv and pip-install this checkout with jax[cuda12] into it
-  run      run --mode; MAIN_FLAGS after `--` are passed on, e.g. -- --config.train.batch_size=256
+  run      run --mode; MAIN_FLAGS after `--` are passed on, e.g. -- --config.diffusion.train.batch_size=256
 
 Settings (a flag, or the environment variable in brackets):
   --venv DIR       virtual environment (default: .venv-gpu in the checkout) [SATSYNTH_VENV]
-  --mode MODE      prepare, train_diffusion, sample, train_segmentation, evaluate, train_sr (run)
+  --mode MODE      one of the modes below (run)
   --config PATH    config file, e.g. configs/loveda.py (run)
   --workdir DIR    every output of the run goes under it (run)
   --gpus LIST      GPUs to use, e.g. 0,1,2,3 (default: all; sets CUDA_VISIBLE_DEVICES) (run)
   -h, --help       this text
+
+Modes (--mode):
+USAGE
+  modes_help
+  cat <<'USAGE'
 
 Example (8 GPUs):
   launch/gpu_host.sh install
   launch/gpu_host.sh run --mode prepare --config configs/loveda.py --workdir runs/loveda \
       -- --config.data.source_dir=/data/LoveDA
   launch/gpu_host.sh run --mode train_diffusion --config configs/loveda.py --workdir runs/loveda \
-      -- --config.train.batch_size=256
+      -- --config.diffusion.train.batch_size=256
 USAGE
 }
 
@@ -58,6 +63,10 @@ while (($#)); do
 done
 
 require "${venv}" --venv SATSYNTH_VENV
+if [[ -n "${mode}" ]]; then require_mode "${mode}"; fi
+if [[ -n "${gpus}" ]]; then
+  require_pattern "${gpus}" --gpus '^[A-Za-z0-9-]+(,[A-Za-z0-9-]+)*$' "GPU indices or UUIDs joined by ',', e.g. 0,1,2,3"
+fi
 case "${command_name}" in
   install)
     python3 -m venv "${venv}"

@@ -21,11 +21,16 @@ Settings (a flag, or the environment variable in brackets):
                            port [SATSYNTH_COORDINATOR]
   --num_hosts N            number of hosts (processes) [SATSYNTH_NUM_PROCESSES]
   --host_index I           this host, 0 .. N-1; 0 runs on the coordinator [SATSYNTH_PROCESS_ID]
-  --mode MODE              train_diffusion, sample, train_segmentation, evaluate, train_sr
+  --mode MODE              one of the modes below, except prepare
   --config PATH            config file, e.g. configs/loveda.py
   --workdir DIR            shared folder for every output of the run
   --venv DIR               virtual environment (default: .venv-gpu in the checkout) [SATSYNTH_VENV]
   -h, --help               this text
+
+Modes (--mode):
+USAGE
+  modes_help
+  cat <<'USAGE'
 
 Example (2 hosts of 8 GPUs; the global batch is split over all 16):
   # on host 0 (10.0.0.1):
@@ -72,6 +77,7 @@ require "${venv}" --venv SATSYNTH_VENV
 require_integer "${num_hosts}" --num_hosts 1
 require_integer "${host_index}" --host_index 0
 ((host_index < num_hosts)) || die "--host_index must be below --num_hosts=${num_hosts}, got ${host_index}"
+require_mode "${mode}"
 [[ "${mode}" != prepare ]] || die "run prepare once, on one host: launch/gpu_host.sh run --mode prepare ..."
 [[ -x "${venv}/bin/python" ]] || die "no Python in --venv ${venv}: run 'launch/gpu_host.sh install' first"
 

@@ -17,7 +17,7 @@ Commands:
   install  copy this checkout to every worker, pip-install it with jax[tpu] into ~/satsynth_venv
            (and, with --nfs, mount the shared workdir filesystem at /mnt/satsynth)
   run      run --mode on every worker (prepare: on worker 0 only); MAIN_FLAGS after `--`
-           are passed on, e.g. -- --config.train.batch_size=256
+           are passed on, e.g. -- --config.diffusion.train.batch_size=256
   fetch    copy process 0's outputs (--what) from the workdir into --dest
   delete   delete the TPU VM (or the queued resource with --queued)
 
@@ -32,7 +32,7 @@ Settings (a flag, or the environment variable in brackets):
   --spot                  Spot capacity (create)
   --wait_minutes N        how long create --queued waits for ACTIVE (default 60)
   --nfs SERVER:/EXPORT    NFS / Filestore share to mount at /mnt/satsynth on every worker (install)
-  --mode MODE             train_diffusion, sample, train_segmentation, evaluate, train_sr, prepare (run)
+  --mode MODE             one of the modes below (run)
   --config PATH           config file inside the checkout, e.g. configs/loveda.py (run)
   --workdir DIR           on the workers; on a pod slice a folder every worker shares,
                           e.g. /mnt/satsynth/loveda (run, fetch)
@@ -42,6 +42,14 @@ Settings (a flag, or the environment variable in brackets):
   --what "A B"            workdir subfolders to fetch (default: "metrics samples report")
   -h, --help              this text
 
+Names, zones and versions must be plain (letters, digits, '-', '.'); every other value is
+quoted for the workers' shell, so it arrives there as one literal word.
+
+Modes (--mode):
+USAGE
+  modes_help
+  cat <<'USAGE'
+
 Example (a v4-32 slice: 4 workers, 16 chips):
   export SATSYNTH_PROJECT=my-project SATSYNTH_ZONE=us-central2-b SATSYNTH_TPU=satsynth
   launch/tpu_vm.sh create --accelerator_type v4-32 --runtime_version tpu-ubuntu2204-base
@@ -49,7 +57,7 @@ Example (a v4-32 slice: 4 workers, 16 chips):
   launch/tpu_vm.sh run --mode prepare --config configs/loveda.py --workdir /mnt/satsynth/loveda \
       -- --config.data.source_dir=/mnt/satsynth/downloads/LoveDA
   launch/tpu_vm.sh run --mode train_diffusion --config configs/loveda.py --workdir /mnt/satsynth/loveda \
-      --detach -- --config.train.batch_size=256
+      --detach -- --config.diffusion.train.batch_size=256
   launch/tpu_vm.sh fetch --workdir /mnt/satsynth/loveda --dest results/loveda
   launch/tpu_vm.sh delete
 USAGE
@@ -105,9 +113,40 @@ case "${command_name}" in
   "") die "missing COMMAND (create, install, run, fetch or delete); see --help" ;;
   *) die "unknown COMMAND '${command_name}': use create, install, run, fetch or delete" ;;
 esac
+if [[ -n "${mode}" ]]; then require_mode "${mode}"; fi
 require "${project}" --project SATSYNTH_PROJECT
 require "${zone}" --zone SATSYNTH_ZONE
 require "${tpu}" --tpu SATSYNTH_TPU
+# Every value is checked here, before the first gcloud call. Names go to gcloud (and into
+# remote paths such as NAME:satsynth_jax.tar.gz) as they are: strict patterns. Values that
+# reach the workers' shell are quoted (quote_args) and must not look like options.
+require_pattern "${project}" --project '^([a-z0-9][-a-z0-9.]*:)?[a-z][-a-z0-9]*[a-z0-9]$' \
+  "a project ID (lowercase letters, digits and '-', e.g. my-project)"
+require_pattern "${zone}" --zone '^[a-z][a-z0-9]*(-[a-z0-9]+)+$' "a zone such as us-central2-b"
+require_pattern "${tpu}" --tpu '^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$' \
+  "a TPU name (lowercase letters, digits and '-', starting with a letter, at most 63)"
+if [[ -n "${accelerator_type}" ]]; then
+  require_pattern "${accelerator_type}" --accelerator_type '^[a-z0-9]+(-[a-z0-9]+)*$' \
+    "an accelerator type such as v4-32"
+fi
+if [[ -n "${runtime_version}" ]]; then
+  require_pattern "${runtime_version}" --runtime_version '^[A-Za-z0-9][A-Za-z0-9._-]*$' \
+    "a runtime version such as tpu-ubuntu2204-base"
+fi
+require_integer "${wait_minutes}" --wait_minutes 1
+if [[ -n "${nfs}" ]]; then
+  require_pattern "${nfs}" --nfs '^[^-[:space:][:cntrl:]][^[:space:][:cntrl:]]*:/[^[:cntrl:]]*$' \
+    "SERVER:/EXPORT, e.g. 10.0.0.2:/satsynth"
+fi
+if [[ -n "${config}" ]]; then require_word "${config}" --config; fi
+if [[ -n "${workdir}" ]]; then require_word "${workdir}" --workdir; fi
+for flag in ${main_flags[@]+"${main_flags[@]}"}; do
+  [[ "${flag}" != *[[:cntrl:]]* ]] || die "flags after -- must not contain control characters, got $(shown "${flag}")"
+done
+[[ "${what}" != *[[:cntrl:]]* ]] || die "--what must not contain control characters, got $(shown "${what}")"
+read -r -a what_folders <<<"${what}"
+for folder in ${what_folders[@]+"${what_folders[@]}"}; do require_word "${folder}" --what; done
+if [[ "${dest}" == -* ]]; then dest="./${dest}"; fi  # a local path, never an option
 where=(--project="${project}" --zone="${zone}")
 
 ssh_workers() {  # ssh_workers WORKERS COMMAND: run COMMAND on the workers ("all" or an index)
@@ -124,7 +163,6 @@ cmd_create() {
       --version="${runtime_version}" ${capacity[@]+"${capacity[@]}"}
     return
   fi
-  require_integer "${wait_minutes}" --wait_minutes 1
   gcloud compute tpus queued-resources create "${tpu}" "${where[@]}" --node-id="${tpu}" \
     --accelerator-type="${accelerator_type}" --runtime-version="${runtime_version}" ${capacity[@]+"${capacity[@]}"}
   local deadline=$((SECONDS + 60 * wait_minutes)) state
@@ -144,7 +182,7 @@ cmd_install() {
   local archive_dir
   archive_dir="$(mktemp -d)"
   # shellcheck disable=SC2064  # the folder is fixed now; expand it now
-  trap "rm -rf '${archive_dir}'" EXIT
+  trap "rm -rf $(quote_args "${archive_dir}")" EXIT
   local archive="${archive_dir}/satsynth_jax.tar.gz"
   tar -czf "${archive}" -C "${REPO_ROOT}" --exclude=.git --exclude='.venv*' --exclude='*.egg-info' \
     --exclude=__pycache__ .
@@ -175,7 +213,7 @@ cmd_run() {
   local job
   job="cd ~/satsynth_jax && ~/satsynth_venv/bin/python -m satsynth_jax.main $(quote_args \
     --distributed=on --mode="${mode}" --config="${config}" --workdir="${workdir}" ${main_flags[@]+"${main_flags[@]}"})"
-  if "${detach}"; then
+  if "${detach}"; then  # ${mode} is one of SATSYNTH_MODES (checked above): a plain word
     job="nohup setsid bash -c $(quote_args "${job}") > ~/satsynth_${mode}.log 2>&1 < /dev/null &"
   fi
   ssh_workers "${workers}" "${job}"
@@ -188,13 +226,11 @@ cmd_run() {
 cmd_fetch() {
   require "${workdir}" --workdir
   require "${dest}" --dest
-  local folders
-  read -r -a folders <<<"${what}"
-  ((${#folders[@]})) || die "--what names no workdir subfolder"
+  ((${#what_folders[@]})) || die "--what names no workdir subfolder"
   # Process 0 (worker 0) writes the logs, PNGs and manifests; pack what exists and copy it back.
-  ssh_workers 0 "cd $(quote_args "${workdir}") && tar -czf ~/satsynth_results.tar.gz --ignore-failed-read \
-$(quote_args "${folders[@]}")"
-  mkdir -p "${dest}"
+  ssh_workers 0 "cd -- $(quote_args "${workdir}") && tar -czf ~/satsynth_results.tar.gz --ignore-failed-read \
+-- $(quote_args "${what_folders[@]}")"
+  mkdir -p -- "${dest}"
   gcloud compute tpus tpu-vm scp "${tpu}:satsynth_results.tar.gz" "${dest}/" "${where[@]}" --worker=0
   tar -xzf "${dest}/satsynth_results.tar.gz" -C "${dest}" && rm "${dest}/satsynth_results.tar.gz"
   echo "fetched ${what} into ${dest}"

@@ -1,4 +1,4 @@
-"""`--mode=evaluate`: this config's segmenter on <workdir>/data/val -> per-class IoU / F1, mIoU, mF1.
+"""`--mode=evaluate`: a segmenter run on <workdir>/data/val -> per-class IoU / F1, mIoU, mF1.
 
 One ordered pass over the split; the padding rows of the last batch (valid=False) are
 masked out. Each batch gives a confusion matrix inside jit, summed on the host and scored
@@ -13,23 +13,18 @@ import dataclasses
 import functools
 import json
 import math
-import os
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from PIL import Image
 
-from satsynth_jax import atomic, parallel, viz
+from satsynth_jax import atomic, parallel, report, segmenter, viz, workdir as layout
 from satsynth_jax.data import pipeline
 from satsynth_jax.metrics import segmentation as seg_metrics
-from satsynth_jax.train import segmentation
 
 PREVIEW_EXAMPLES = 8
-PREVIEW_TILE = 128  # px per panel in the report; small patches are enlarged by an integer factor
 
 
 @dataclasses.dataclass
@@ -39,10 +34,10 @@ class SplitResult:
   preview: dict[str, np.ndarray]  # the first examples of this process: "image" uint8, "mask", "pred"
 
 
-def background_index(class_names: Sequence[str]) -> int | None:
-  """Index of the class named "background" (iSAID), else None (LoveDA, OpenEarthMap, the demo)."""
-  names = [name.lower() for name in class_names]
-  return names.index("background") if "background" in names else None
+def background_index(config) -> int | None:
+  """data.background_index: a class that means "everything else" (iSAID's 0), or None (-1: LoveDA, OEM, demo)."""
+  index = config.data.background_index
+  return None if index < 0 else int(index)
 
 
 def eval_step(variables, batch, *, model: nn.Module, num_classes: int,
@@ -93,70 +88,35 @@ def _json_safe(value):
   return value
 
 
-def _enlarge(picture: np.ndarray, factor: int) -> np.ndarray:
-  """Nearest-neighbour enlargement: shows the true pixels of small patches."""
-  return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+def eval_path(workdir, run: segmenter.Run):
+  return layout.metrics_path(workdir, f"eval_{run.name}")
 
 
-def report_picture(config, preview: dict[str, np.ndarray], scores: dict[str, float], title: str) -> Image.Image:
-  """Rows of image | ground truth | prediction, the class legend, and a per-class IoU bar chart."""
+def evaluate_run(config, workdir, run: segmenter.Run) -> dict[str, float]:
+  """Score the latest checkpoint of segmenter `run` on the val split; writes its eval JSON and PNG."""
   d = config.data
-  factor = max(1, PREVIEW_TILE // preview["image"].shape[1])
-  gap = np.full((preview["image"].shape[1] * factor, 4, 3), 255, np.uint8)
-  rows = []
-  for image, mask, pred in zip(preview["image"], preview["mask"], preview["pred"]):
-    image, truth, predicted = (_enlarge(panel, factor) for panel in (
-        image, viz.colorize(mask, d.palette, d.ignore_index), viz.colorize(pred, d.palette, d.ignore_index)))
-    rows.append(np.concatenate([image, gap, truth, gap, predicted], axis=1))
-  grid = viz.image_grid(rows, columns=2, pad=8)
-  has_ignore = bool(np.any(preview["mask"] == d.ignore_index))
-  examples = viz.stack([grid, viz.legend(d.class_names, d.palette, grid.width, with_ignore=has_ignore)])
-  ious = [scores[f"iou/{name}"] for name in d.class_names]
-  chart = viz.bar_chart([0.0 if math.isnan(v) else v for v in ious],
-                        [f"{name} (absent)" if math.isnan(v) else name for name, v in zip(d.class_names, ious)],
-                        f"per-class IoU (mIoU {scores['miou']:.3f})", colors=d.palette, value_label="IoU",
-                        value_format=lambda v: f"{v:.3g}", width=max(600, grid.width))
-  return viz.titled(viz.stack([viz.titled(examples, "image | ground truth | prediction", size=14), chart]), title)
-
-
-def _percent(value: float) -> str:
-  return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
-
-
-def score_table(scores: dict[str, float], class_names: Sequence[str]) -> str:
-  """Per-class IoU and F1 in percent, then the means (without background too, when scored)."""
-  width = max(len(name) for name in [*class_names, "mean w/o background"])
-  lines = [f"  {'class':<{width}}  {'IoU %':>7}  {'F1 %':>7}"]
-  for name in class_names:
-    lines.append(f"  {name:<{width}}  {_percent(scores[f'iou/{name}']):>7}  {_percent(scores[f'f1/{name}']):>7}")
-  lines.append(f"  {'mean':<{width}}  {_percent(scores['miou']):>7}  {_percent(scores['mf1']):>7}")
-  if "miou_no_background" in scores:
-    lines.append(f"  {'mean w/o background':<{width}}  {_percent(scores['miou_no_background']):>7}  "
-                 f"{_percent(scores['mf1_no_background']):>7}")
-  return "\n".join(lines)
-
-
-def run(config, workdir: str) -> dict[str, float]:
-  """--mode=evaluate: score the latest checkpoint of this config's segmenter run on the val split."""
-  d = config.data
-  name = segmentation.run_name(config)
+  name = run.name
   mesh = parallel.make_mesh()
-  model, variables, step = segmentation.restore_variables(config, workdir, mesh)
-  val_dir = os.path.join(workdir, "data", "val")
+  model, variables, step = segmenter.restore(config, workdir, run, mesh)
+  val_dir = layout.data_dir(workdir, "val")
   result = evaluate_split(config, model, variables, val_dir, mesh)
-  background = background_index(d.class_names)
+  background = background_index(config)
   scores = seg_metrics.segmentation_scores(result.confusion, d.class_names, background)
   if jax.process_index() == 0:
     summary = {
-        "run": name, "model": config.segmentation.model, "synthetic_ratio": d.synthetic_ratio,
-        "checkpoint_step": step, "split": "val", "records": val_dir, "num_examples": result.num_examples,
+        "run": name, "architecture": run.architecture, "synthetic_ratio": run.synthetic_ratio, "seed": run.seed,
+        "checkpoint_step": step, "split": "val", "records": str(val_dir), "num_examples": result.num_examples,
         "class_names": list(d.class_names), "background_index": background,
         "scores": _json_safe(scores), "confusion_matrix": result.confusion.tolist(),
     }
-    atomic.write_bytes(os.path.join(workdir, "metrics", f"eval_{name}.json"),
-                       json.dumps(summary, indent=1, allow_nan=False).encode())
-    title = f"{name}: step {step}, R={d.synthetic_ratio}, {result.num_examples} val examples"
-    viz.save_png(report_picture(config, result.preview, scores, title),
-                 os.path.join(workdir, "report", f"eval_{name}.png"))
-    print(f"evaluate {title}\n{score_table(scores, d.class_names)}", flush=True)
+    atomic.write_bytes(eval_path(workdir, run), json.dumps(summary, indent=1, allow_nan=False).encode())
+    title = f"{name}: step {step}, R={run.synthetic_ratio}, {result.num_examples} val examples"
+    viz.save_png(report.report_picture(config, result.preview, scores, title),
+                 layout.report_path(workdir, f"eval_{name}.png"))
+    print(f"evaluate {title}\n{report.score_table(scores, d.class_names)}", flush=True)
   return scores
+
+
+def run(config, workdir) -> dict[str, float]:
+  """--mode=evaluate: score this config's segmenter run (data.synthetic_ratio) on the val split."""
+  return evaluate_run(config, workdir, segmenter.Run.from_config(config))

@@ -7,14 +7,18 @@ Several hosts: every job but `prepare` joins a jax.distributed run first (satsyn
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import importlib
+import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from satsynth_jax import config_check
+from satsynth_jax import atomic, config_check, lock, workdir as layout
 from satsynth_jax.errors import SatSynthError
 
 # mode -> "module:function(config, workdir)"; imported lazily so `prepare` stays light.
@@ -23,14 +27,21 @@ MODES = {
     "train_diffusion": "satsynth_jax.train.diffusion:run",
     "train_sr": "satsynth_jax.train.super_resolution:run",
     "sample": "satsynth_jax.sample:run",
-    "train_metric_encoder": "satsynth_jax.sample_quality:train_metric_encoder",
+    "curate": "satsynth_jax.curate:run",
+    "train_metric_encoder": "satsynth_jax.train.metric_encoder:run",
     "evaluate_samples": "satsynth_jax.sample_quality:run",
     "train_segmentation": "satsynth_jax.train.segmentation:run",
     "evaluate": "satsynth_jax.evaluate:run",
-    "pipeline": "satsynth_jax.experiment:run",
+    "experiment": "satsynth_jax.experiment:run",
+    "export": "satsynth_jax.export:run",
 }
+SINGLE_PROCESS = ("prepare", "export")  # jobs that write their outputs once, from one process
+# The job kinds whose workdir locks (lock.py) a mode holds: its own; the experiment runs them all.
+LOCKED_KINDS = {mode: (mode,) for mode in MODES} | {"experiment": tuple(MODES)}
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A config file and optional preset, e.g. configs/loveda.py or configs/loveda.py:cpu.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 _MODE = flags.DEFINE_string("mode", None, f"Job to run: one of {', '.join(MODES)}.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -42,6 +53,10 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in the run, one per host (default: env SATSYNTH_NUM_PROCESSES).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process, 0..num_processes-1 (default: env SATSYNTH_PROCESS_ID).")
+_ALLOW_FALLBACK = flags.DEFINE_boolean(
+    "allow_checkpoint_fallback", False,
+    "When the latest checkpoint of a run is unreadable or damaged, use the newest earlier step that verifies "
+    "(logging which step was skipped and why) instead of stopping.")
 
 
 def fail(message: str) -> None:
@@ -73,6 +88,67 @@ def _parse_flags(argv):
     fail(f"bad command line: {e}")
 
 
+_OS_REMEDIES = {errno.ENOSPC: "free disk space or use another --workdir",
+                errno.EDQUOT: "free disk space or use another --workdir",
+                errno.EROFS: "the filesystem is read-only: use another --workdir",
+                errno.EACCES: "make it accessible or use another --workdir",
+                errno.EPERM: "make it accessible or use another --workdir"}
+
+
+def _os_error_message(e: OSError) -> str:
+  """`path: reason (during operation in module.function)[; remedy]` for a filesystem error inside a job."""
+  frames = traceback.extract_tb(e.__traceback__)
+  ours = [f for f in frames if f"{os.sep}satsynth_jax{os.sep}" in f.filename]
+  where = f"{os.path.splitext(os.path.basename(ours[-1].filename))[0]}.{ours[-1].name}" if ours else None
+  if ours and ours[-1] is frames[-1]:
+    operation = where
+  else:
+    operation = (frames[-1].name if frames else "?") + (f" in {where}" if where else "")
+  path = " -> ".join(os.fspath(p) for p in (e.filename, e.filename2) if p is not None) or "(no path given)"
+  remedy = _OS_REMEDIES.get(e.errno)
+  return f"{path}: {e.strerror or e} (during {operation})" + (f"; {remedy}" if remedy else "")
+
+
+@contextlib.contextmanager
+def _job_lock(workdir, mode: str, primary: bool, processes: int):
+  """Process 0 holds the workdir locks of `mode` for the job and clears temp files of dead writers;
+  the other processes of a multi-process job (the same job) learn whether it got them."""
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if primary:
+      try:
+        stack.enter_context(lock.hold(workdir, LOCKED_KINDS[mode], mode))
+      except lock.LockHeldError as e:
+        refused = str(e)
+      except OSError as e:  # e.g. a read-only workdir: told to the other processes too, not left hanging
+        refused = _os_error_message(e)
+    if processes > 1:
+      from jax.experimental import multihost_utils  # noqa: PLC0415  (multi-process jobs only)
+      import numpy as np  # noqa: PLC0415
+      got = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+      if not primary and not got:
+        fail(f"process 0 could not take the job lock under {layout.resolve(workdir) / 'locks'}; see its error")
+    if refused is not None:
+      fail(refused)
+    if primary:  # under the lock, so no job of this kind is writing; live writers' temp files stay
+      try:
+        for path in atomic.remove_orphans(workdir):
+          logging.info("removed %s, left by a writer that is no longer running", path)
+      except OSError as e:  # leftovers cost disk space only: not a reason to stop the job
+        logging.warning("could not clear temp files under %s: %s", workdir, e)
+    yield
+
+
+def _persistent_compilation_cache() -> None:
+  """Keep compiled XLA programs across jobs and reruns (the experiment's stages and seeds compile
+  the same steps); JAX_COMPILATION_CACHE_DIR, when set, chooses the folder."""
+  import jax  # noqa: PLC0415  (kept off prepare's path)
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.expanduser("~"), ".cache", "satsynth_jax", "xla"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}; all settings are flags")
@@ -83,26 +159,43 @@ def main(argv):
   if not _WORKDIR.value:
     fail("--workdir is required: every output of the run goes under it")
   try:
+    workdir = layout.resolve(_WORKDIR.value)
     config = _CONFIG.value
-    config_check.validate(config)
+    config_check.validate(config, mode=_MODE.value)
   except OSError as e:  # config_flags defers a missing or broken config file to first use
     fail(" ".join(str(e).split())[:300])
-  except config_check.ConfigError as e:
+  except SatSynthError as e:
     fail(str(e))
-  if _MODE.value != "prepare":  # prepare writes the records once, from a single process
+  except ValueError as e:  # get_config(arg) refusing an unknown preset
+    fail(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {e}")
+  primary, processes = True, 1
+  if _MODE.value not in SINGLE_PROCESS:
+    _persistent_compilation_cache()
     from satsynth_jax import distributed  # imports jax: kept off prepare's path
     try:
       distributed.initialize(distributed.resolve(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                                                  _PROCESS_ID.value))
     except distributed.DistributedConfigError as e:
       fail(str(e))
+    import jax  # noqa: PLC0415  (after jax.distributed.initialize: the device count spans every host)
+    try:
+      config_check.validate_devices(config, jax.device_count())
+    except config_check.ConfigError as e:
+      fail(str(e))
+    primary, processes = jax.process_index() == 0, jax.process_count()
+  if _ALLOW_FALLBACK.value:
+    from satsynth_jax import checkpoint  # noqa: PLC0415  (imports orbax: kept off prepare's path)
+    checkpoint.configure(allow_fallback=True)
   module_name, fn_name = MODES[_MODE.value].split(":")
   job = getattr(importlib.import_module(module_name), fn_name)
-  logging.info("mode=%s workdir=%s", _MODE.value, _WORKDIR.value)
+  logging.info("mode=%s workdir=%s", _MODE.value, workdir)
   try:
-    job(config, _WORKDIR.value)
+    with _job_lock(workdir, _MODE.value, primary, processes):
+      job(config, workdir)
   except SatSynthError as e:  # bad data, missing checkpoint, diverged run: say what to fix
     fail(" ".join(str(e).split()))
+  except OSError as e:  # read-only or full disk, a path under a file: name the path and the operation
+    fail(_os_error_message(e))
 
 
 def run():

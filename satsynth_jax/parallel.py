@@ -11,6 +11,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from satsynth_jax.config_check import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -34,8 +36,8 @@ def per_process_batch_size(global_batch_size: int, what: str = "batch_size", mes
   """Rows each process feeds; the global batch must split evenly over the mesh's devices."""
   devices = mesh.size if mesh is not None else jax.device_count()
   if global_batch_size % devices:
-    raise ValueError(
-        f"{what}={global_batch_size} is not divisible by the {devices} devices; "
+    raise ConfigError(
+        f"config.{what}={global_batch_size} is not divisible by the {devices} devices; "
         f"use a multiple of {devices}")
   return global_batch_size // jax.process_count()
 

@@ -1,4 +1,8 @@
-"""--mode=sample: draw R x |D| synthetic pairs from G's EMA weights into TFRecord shards.
+"""--mode=sample: draw P x R x |D| synthetic pairs from G's EMA weights into TFRecord shards.
+
+R = sample.per_real, P = curation.pool_factor with curation.enabled (else 1: the paper's R x |D|). A segmenter
+arm with ratio R trains on the set's first R x |D| pairs (an unbiased draw); curation
+(curate.py) picks its R x |D| from the whole pool.
 
 Shard s always holds the same examples for a given process count (its noise comes from
 fold_in(seed, s)), and each shard is written atomically, so an interrupted run is completed by
@@ -14,7 +18,6 @@ pairs per call, so every device holds as many as in a single-process run.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -23,116 +26,136 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import atomic, checkpoint, parallel, viz
+from satsynth_jax import generator, identity, parallel, report, viz, workdir as layout
 from satsynth_jax.data import records
-from satsynth_jax.train import diffusion, super_resolution
+from satsynth_jax.errors import SatSynthError
 
 
-def synthetic_dir(workdir: str, joint_labels: bool = True) -> str:
-  """Where `sample` writes: synthetic/ for the joint model, synthetic_image_only/ for the baseline."""
-  return os.path.join(workdir, "synthetic" if joint_labels else "synthetic_image_only")
+class SampleError(SatSynthError, ValueError):
+  """Samples that must not become a synthetic set (non-finite values); the message names the checkpoint."""
 
 
-def _plan(config, num_real: int, step: int, sr_step: int | None) -> dict:
+def pool_factor(config) -> int:
+  """P: candidates drawn per kept pair (curation.pool_factor when curation is on, else 1)."""
+  return config.curation.pool_factor if config.curation.enabled else 1
+
+
+def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_config=None) -> dict:
+  """The settings that shape a synthetic set: the generator (run, step, its settings), G_SR's (with the
+  cascade; `sr_config` is the config it was trained with) and the sampler."""
   s = config.sample
-  return {"checkpoint_step": step, "per_real": s.per_real, "num_real": num_real,
-          "requested": s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
+  return {"generator": generator.g_run(config), "checkpoint_step": step,
+          "generator_settings": generator.g_shaping(gconfig),
+          "super_resolution": generator.sr_run(config) if sr_step is not None else None,
+          "super_resolution_step": sr_step, "per_real": s.per_real, "num_real": num_real,
+          "pool_factor": pool_factor(config),
+          "requested": pool_factor(config) * s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
           "sampler": s.sampler, "ddim_steps": s.ddim_steps, "ddim_eta": s.ddim_eta, "seed": config.seed,
-          "image_size": config.sr.image_size if sr_step is not None else config.data.image_size,
-          "label_encoding": config.data.label_encoding, "joint_labels": config.diffusion.joint_labels,
-          "super_resolution_step": sr_step}
+          "super_resolution_settings": generator.sr_shaping(sr_config) if sr_step is not None else None,
+          "image_size": sr_config.sr.image_size if sr_step is not None else gconfig.data.image_size,
+          "num_classes": gconfig.data.num_classes, "label_encoding": gconfig.data.label_encoding,
+          "no_data_code": gconfig.data.no_data_code, "joint_labels": gconfig.diffusion.joint_labels,
+          "prediction": gconfig.diffusion.prediction}
 
 
-def _check_plan(out_dir: str, plan: dict, write: bool) -> None:
-  """A directory started with other settings is refused rather than mixed; `write` records a new plan."""
-  path = os.path.join(out_dir, "plan.json")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      old = json.load(f)
-    if diff := sorted(k for k in plan if old.get(k) != plan[k]):
-      changes = ", ".join(f"{k}: {old.get(k)!r} -> {plan[k]!r}" for k in diff)
-      raise ValueError(f"{out_dir} holds samples made with other settings ({changes}); "
-                       f"delete it to sample again")
-  elif write:
-    atomic.write_json(path, plan)
-
-
-def restore_generator_params(config, workdir: str, mesh, step: int | None):
-  """(model, EMA params replicated on `mesh`, checkpoint step) of G."""
-  model = diffusion.make_model(config)
-  state, step = checkpoint.restore_for_inference(
-      workdir, diffusion.model_name(config), lambda rng: diffusion.init_state(config, model, rng), mesh, step)
-  return model, state.eval_params, step
-
-
-def _pairs(config, joint: np.ndarray, first_index: int, step: int):
-  images, masks = diffusion.decode_samples(config, joint)
+def _pairs(config, joint: np.ndarray, first_index: int, step: int, rng: np.random.Generator):
+  images, masks = generator.decode_samples(config, joint, rng)
   for i, (image, mask) in enumerate(zip(images, masks)):
     yield records.Pair(image=image, mask=mask, id=f"synthetic_{first_index + i:07d}",
                        source=f"synthetic:{step}", num_classes=config.data.num_classes)
 
 
-def _make_draw(config, workdir: str, mesh, batch: int, params, generate):
-  """(draw, sr_step): draw(key) -> G's samples, or with config.sample.super_resolve the cascade's
-  (G_SR high-res, G low-res) pair of batches; sr_step is G_SR's checkpoint step (None without it).
+def _make_draw(config, gconfig, workdir, mesh, batch: int, params, generate):
+  """(draw, sr_config, sr_step): draw(key) -> G's samples, or with config.sample.super_resolve the
+  cascade's (G_SR high-res, G low-res) pair of batches; sr_step is G_SR's step (None without it).
   """
   if not config.sample.super_resolve:
-    return (lambda key: generate(params, key)), None
+    return (lambda key: generate(params, key)), None, None
   s = config.sample
-  sr_model, sr_params, sr_step = super_resolution.restore_sr_params(config, workdir, mesh, s.sr_checkpoint_step)
-  upsample = super_resolution.make_upsample_fn(config, sr_model, mesh, batch, sampler=s.sampler,
-                                               ddim_steps=s.ddim_steps, ddim_eta=s.ddim_eta)
+  sr_config, sr_model, sr_params, sr_step = generator.restore_sr(config, workdir, mesh, s.sr_checkpoint_step)
+  shared = [k for k in generator.G_SHAPING if k != "diffusion.model"]  # G_SR reads G's pairs: these must agree
+  mismatch = identity.differences(identity.select(gconfig, shared), identity.select(sr_config, shared))
+  if mismatch:
+    raise SampleError(f"G ({generator.g_run(config)}) and G_SR ({generator.sr_run(config)}) were trained with "
+                      f"other label or schedule settings: {'; '.join(mismatch)}")
+  upsample = generator.make_upsample_fn(sr_config, sr_model, mesh, batch, sampler=s.sampler,
+                                        ddim_steps=s.ddim_steps, ddim_eta=s.ddim_eta)
 
   def draw(key):
     low = generate(params, key)
     return upsample(sr_params, jax.random.fold_in(key, 1), low), low
 
-  return draw, sr_step
+  return draw, sr_config, sr_step
 
 
-def run(config, workdir: str) -> None:
-  real = records.read_manifest(os.path.join(workdir, "data", "train"))
-  out_dir = synthetic_dir(workdir, config.diffusion.joint_labels)
-  batch = parallel.per_process_batch_size(config.sample.batch_size, "sample.batch_size")
+def _fetch(drawn, count: int, cascade: bool, where: str) -> tuple[np.ndarray, tuple | None]:
+  """Host copy of one shard's draws (high-res only for the cascade), checked finite."""
+  first = parallel.to_host(drawn[0][::-1]) if cascade else None  # (low, high) of the first batch
+  if cascade:
+    drawn = [high for high, _ in drawn]
+  joint = np.concatenate([parallel.to_host(x) for x in drawn])[:count]
+  if not np.isfinite(joint).all():
+    raise SampleError(f"{where} produced non-finite samples ({int((~np.isfinite(joint)).sum())} values): the "
+                      "checkpoint is damaged or diverged; nothing was written for this shard")
+  return joint, first
+
+
+def run(config, workdir) -> None:
+  """--mode=sample: P x R x |D| pairs of this config's generator into synthetic/<set>/, resumable."""
+  s = config.sample
+  real = records.read_manifest(layout.data_dir(workdir, "train"))
+  out_dir = layout.synthetic_dir(workdir, generator.synthetic_set(config))
+  batch = parallel.per_process_batch_size(s.batch_size, "sample.batch_size")
   mesh = parallel.make_mesh(jax.local_devices())
-  model, params, step = restore_generator_params(config, workdir, mesh, config.sample.checkpoint_step)
-  generate = diffusion.make_generate_fn(config, model, mesh, batch, sampler=config.sample.sampler,
-                                        ddim_steps=config.sample.ddim_steps, ddim_eta=config.sample.ddim_eta)
-  draw, sr_step = _make_draw(config, workdir, mesh, batch, params, generate)
-  plan = _plan(config, real["num_examples"], step, sr_step)
+  gconfig, model, params, step = generator.restore_g(config, workdir, mesh, s.checkpoint_step)
+  generate = generator.make_generate_fn(gconfig, model, mesh, batch, sampler=s.sampler, ddim_steps=s.ddim_steps,
+                                        ddim_eta=s.ddim_eta)
+  draw, sr_config, sr_step = _make_draw(config, gconfig, workdir, mesh, batch, params, generate)
+  out_config = sr_config if sr_config is not None else gconfig  # what the set's pairs are decoded with
+  shaping = plan(config, gconfig, real["num_examples"], step, sr_step, sr_config)
   process, num_processes = jax.process_index(), jax.process_count()
   is_writer = process == 0
-  os.makedirs(out_dir, exist_ok=True)
-  _check_plan(out_dir, plan, write=is_writer)
+  identity.ensure(out_dir, config, shaping, "this synthetic set",
+                  "delete it (or sample into another --workdir) to sample again", write=is_writer)
 
-  total, per_shard = plan["requested"], plan["examples_per_shard"]
+  total, per_shard = shaping["requested"], shaping["examples_per_shard"]
   counts = [min(per_shard, total - start) for start in range(0, total, per_shard)]
   # A fixed owner per shard: the processes never need to agree on who draws what.
-  todo = [s for s in range(process, len(counts), num_processes)
-          if records.shard_record_count(os.path.join(out_dir, records.shard_filename(s))) != counts[s]]
+  todo = [i for i in range(process, len(counts), num_processes)
+          if records.shard_record_count(os.path.join(out_dir, records.shard_filename(i))) != counts[i]]
   logging.info("sample: %d pairs in %d shards from checkpoint %d; process %d of %d writes shards %s", total,
                len(counts), step, process, num_processes, todo)
   base = jax.random.fold_in(jax.random.key(config.seed), step)
-  with jax.set_mesh(mesh), tqdm(total=sum(counts[s] for s in todo), desc="sample", unit="pair",
+  where = f"{generator.g_run(config)} step {step}" + (f" through {generator.sr_run(config)} step {sr_step}"
+                                                        if sr_step is not None else "")
+
+  def dispatch(shard: int):
+    """Start shard `shard`'s draws; JAX runs them while the host encodes the previous shard."""
+    key = jax.random.fold_in(base, shard)
+    return [draw(jax.random.fold_in(key, b)) for b in range(math.ceil(counts[shard] / batch))]
+
+  with jax.set_mesh(mesh), tqdm(total=sum(counts[i] for i in todo), desc="sample", unit="pair",
                                 disable=not is_writer, dynamic_ncols=True) as bar:
-    for s in todo:
-      shard_key = jax.random.fold_in(base, s)
-      drawn = [draw(jax.random.fold_in(shard_key, b)) for b in range(math.ceil(counts[s] / batch))]
-      if sr_step is not None:
-        if s == 0:
-          _write_cascade_grid(config, workdir, *parallel.to_host(drawn[0][::-1]))
-        drawn = [high for high, _ in drawn]
-      joint = np.concatenate([parallel.to_host(x) for x in drawn])[:counts[s]]
-      records.write_shard(os.path.join(out_dir, records.shard_filename(s)),
-                          _pairs(config, joint, s * per_shard, step))
-      bar.update(counts[s])
+    pending = dispatch(todo[0]) if todo else None
+    for n, shard in enumerate(todo):
+      drawn = pending
+      pending = dispatch(todo[n + 1]) if n + 1 < len(todo) else None
+      joint, first = _fetch(drawn, counts[shard], sr_step is not None, where)
+      if first is not None and shard == 0:
+        _write_cascade_grid(out_config, workdir, *first)
+      rng = np.random.default_rng([config.seed, step, shard])  # breaks exact label-code ties
+      records.write_shard(os.path.join(out_dir, records.shard_filename(shard)),
+                          _pairs(out_config, joint, shard * per_shard, step, rng))
+      bar.update(counts[shard])
 
   parallel.barrier("sample: every shard written")
   if is_writer:
-    shards = [records.shard_entry(os.path.join(out_dir, records.shard_filename(s))) for s in range(len(counts))]
+    shards = [records.shard_entry(os.path.join(out_dir, records.shard_filename(i))) for i in range(len(counts))]
     records.write_manifest(out_dir, shards, num_classes=config.data.num_classes,
-                           class_names=config.data.class_names, source=f"synthetic:{step}", **plan)
-    write_report(config, workdir, real, records.read_manifest(out_dir))
+                           class_names=config.data.class_names, source=f"synthetic:{step}",
+                           **{k: v for k, v in shaping.items()
+                              if k not in ("generator_settings", "super_resolution_settings", "num_classes")})
+    write_report(config, workdir, out_dir, real, records.read_manifest(out_dir))
 
 
 def _write_cascade_grid(config, workdir: str, low: np.ndarray, high: np.ndarray) -> None:
@@ -140,22 +163,20 @@ def _write_cascade_grid(config, workdir: str, low: np.ndarray, high: np.ndarray)
   n = min(8, len(low))
   factor = high.shape[1] // low.shape[1]
   low = np.repeat(np.repeat(low[:n], factor, axis=1), factor, axis=2)
-  images, masks = diffusion.decode_samples(config, np.concatenate([low, high[:n]]))
+  images, masks = generator.decode_samples(config, np.concatenate([low, high[:n]]), np.random.default_rng(0))
   order = [i for pair in zip(range(n), range(n, 2 * n)) for i in pair]  # low, high, low, high...
-  grid = diffusion.sample_grid(config, images[order], masks[order],
+  grid = generator.sample_grid(config, images[order], masks[order],
                                "cascade: G (low-res, enlarged) | G_SR (high-res), pair by pair")
-  viz.save_png(grid, os.path.join(workdir, "samples", "cascade_grid.png"))
+  viz.save_png(grid, layout.samples_path(workdir, "cascade_grid.png"))
 
 
-def write_report(config, workdir: str, real: dict, synthetic: dict) -> None:
+def write_report(config, workdir, out_dir, real: dict, synthetic: dict) -> None:
   """PNGs a user checks first: a grid of synthetic pairs and real vs synthetic class frequencies."""
-  source = records.PairSource(synthetic_dir(workdir, config.diffusion.joint_labels))
+  source = records.PairSource(out_dir)
   picks = [source[i] for i in range(min(16, len(source)))]
-  grid = diffusion.sample_grid(config, np.stack([p["image"] for p in picks]), np.stack([p["mask"] for p in picks]),
+  grid = generator.sample_grid(config, np.stack([p["image"] for p in picks]), np.stack([p["mask"] for p in picks]),
                                f"synthetic pairs ({synthetic['source']})")
-  viz.save_png(grid, os.path.join(workdir, "samples", "synthetic_grid.png"))
-  fractions = {name: np.asarray(m["class_pixels"], np.float64) / max(1, sum(m["class_pixels"]))
-               for name, m in (("real", real), ("synthetic", synthetic))}
-  chart = viz.grouped_bar_chart(fractions, list(config.data.class_names),
-                                title="class pixel fraction: real vs synthetic", log=True)
-  viz.save_png(chart, os.path.join(workdir, "report", "class_frequency_real_vs_synthetic.png"))
+  viz.save_png(grid, layout.samples_path(workdir, "synthetic_grid.png"))
+  chart = report.class_frequency_chart(config, {"real": real, "synthetic": synthetic},
+                                       "class pixel fraction: real vs synthetic")
+  viz.save_png(chart, layout.report_path(workdir, "class_frequency_real_vs_synthetic.png"))

@@ -1,8 +1,8 @@
-"""Sample quality as the paper scores it, plus label fidelity: `--mode=train_metric_encoder`, `--mode=evaluate_samples`.
+"""`--mode=evaluate_samples`: sample quality as the paper scores it, plus label fidelity.
 
 The metric encoder is the paper's ResNet-50 U-Net segmenter (models/unet_seg.py) trained on
-the real train split only, in its own run `checkpoints/metric_encoder/`, apart from the
-segmentation experiments. Its features replace Inception (metrics/fid.py):
+the real train split only (`--mode=train_metric_encoder`, train/metric_encoder.py), in its
+own run `checkpoints/metric_encoder/`. Its features replace Inception (metrics/fid.py):
 
   FID, sFID  synthetic images against the real *train* split, the distribution the generator
              was trained to reproduce (as DDPM papers score against their training set).
@@ -26,7 +26,7 @@ import functools
 import hashlib
 import json
 import math
-import os
+import pathlib
 import re
 from typing import Callable
 
@@ -35,14 +35,12 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from satsynth_jax import atomic, checkpoint, evaluate, parallel, sample, viz
+from satsynth_jax import atomic, evaluate, generator, parallel, report, segmenter, viz, workdir as layout
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.metrics import fid
 from satsynth_jax.metrics import segmentation as seg_metrics
-from satsynth_jax.train import loop, segmentation
 
-METRIC_ENCODER = "metric_encoder"  # its checkpoint folder and metrics prefix
 IS_SPLITS = 10  # the usual protocol (10 parts of 5000 images)...
 IS_MIN_SPLIT_SIZE = 100  # ...but fewer parts for small sets: each part's marginal p(y) needs images
 
@@ -53,22 +51,6 @@ class TooFewImagesError(SatSynthError, ValueError):
   """A record folder holds fewer than the 2 images a covariance needs; the message names it."""
 
 
-def metric_encoder_config(config):
-  """`config` with the metric network's settings: the U-Net head, trained on real data only (R=0)."""
-  encoder_config = config.copy_and_resolve_references()
-  encoder_config.segmentation.model = "unet"
-  encoder_config.data.synthetic_ratio = 0
-  return encoder_config
-
-
-def train_metric_encoder(config, workdir: str) -> None:
-  """--mode=train_metric_encoder: train (or resume) the metric encoder with segmentation.train."""
-  encoder_config = metric_encoder_config(config)
-  mesh = parallel.make_mesh()
-  task = segmentation.make_task(encoder_config, workdir, mesh, name=METRIC_ENCODER)
-  loop.train(task, encoder_config.segmentation.train, workdir, seed=config.seed, mesh=mesh)
-
-
 def weights_id(variables, step: int) -> str:
   """"metric_encoder@<step>:<first 12 hex digits of sha256 over every weight's path and bytes>"."""
   digest = hashlib.sha256()
@@ -76,16 +58,7 @@ def weights_id(variables, step: int) -> str:
     value = np.ascontiguousarray(value)
     digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
     digest.update(value.tobytes())
-  return f"{METRIC_ENCODER}@{step}:{digest.hexdigest()[:12]}"
-
-
-def restore_metric_encoder(config, workdir: str, mesh) -> tuple[nn.Module, dict, int]:
-  """(model, replicated {"params", "batch_stats"}, step) of the latest metric encoder checkpoint."""
-  if checkpoint.latest_step(checkpoint.checkpoint_dir(workdir, METRIC_ENCODER)) is None:
-    raise checkpoint.CheckpointNotFoundError(
-        f"no metric encoder in {checkpoint.checkpoint_dir(workdir, METRIC_ENCODER)}: "
-        "run --mode=train_metric_encoder first")
-  return segmentation.restore_variables(metric_encoder_config(config), workdir, mesh, name=METRIC_ENCODER)
+  return f"{segmenter.METRIC_ENCODER}@{step}:{digest.hexdigest()[:12]}"
 
 
 def make_extractor(model: nn.Module, mesh) -> Extractor:
@@ -142,7 +115,7 @@ def _without_nan(scores: dict[str, float]) -> dict[str, float | None]:
 
 
 def output_name(name: str) -> str:
-  """"sample_quality" for the default set, "sample_quality_<name>" for another one."""
+  """"sample_quality_<set>" (metrics/ and report/ file stem), "sample_quality" for an unnamed set."""
   if not re.fullmatch(r"[A-Za-z0-9_.-]*", name):
     raise ValueError(f"sample set name {name!r} must be letters, digits, '_', '.' or '-' (it names files)")
   return f"sample_quality_{name}" if name else "sample_quality"
@@ -156,26 +129,25 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
   """
   d = config.data
   stem = output_name(name)
-  train_dir = os.path.join(workdir, "data", "train")
+  train_dir = layout.data_dir(workdir, "train")
   _scorable_manifest(train_dir)
   # The manifest counts each class's pixels: none means masks without labels (all no-data).
   has_labels = any(_scorable_manifest(synthetic_dir)["class_pixels"])
   mesh = parallel.make_mesh()
-  encoder_config = metric_encoder_config(config)
-  model, variables, step = restore_metric_encoder(config, workdir, mesh)
+  model, variables, step = segmenter.restore(config, workdir, segmenter.Run.metric_encoder(config), mesh)
   encoder = weights_id(variables, step)
   extract = make_extractor(model, mesh)
 
-  real, synthetic = (accumulate_features(encoder_config, extract, variables, record_dir, mesh)
+  real, synthetic = (accumulate_features(config, extract, variables, record_dir, mesh)
                      for record_dir in (train_dir, synthetic_dir))
   fidelity, result = None, None
   if has_labels:
-    result = evaluate.evaluate_split(encoder_config, model, variables, synthetic_dir, mesh)
+    result = evaluate.evaluate_split(config, model, variables, synthetic_dir, mesh)
     fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
   summary = {
-      "metric_encoder": encoder, "image_size": d.image_size,
-      "real_dir": train_dir, "synthetic_dir": synthetic_dir, "num_real": real.count, "num_synthetic": synthetic.count,
-      **distances(real, synthetic), "is": inception_score(synthetic),
+      "metric_encoder": encoder, "image_size": pipeline.segmentation_size(config),
+      "real_dir": str(train_dir), "synthetic_dir": str(synthetic_dir), "num_real": real.count, "num_synthetic": synthetic.count,
+      **distances(real, synthetic), "is": inception_score(synthetic), "set": pathlib.Path(synthetic_dir).name,
       "label_fidelity_miou": None, "label_fidelity": None,
       "real_is": inception_score(real),  # IS of the real images: its scale for this encoder and dataset
   }
@@ -183,7 +155,7 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
     summary["label_fidelity"] = _without_nan(fidelity)
     summary["label_fidelity_miou"] = summary["label_fidelity"]["miou"]
   if jax.process_index() == 0:
-    atomic.write_bytes(os.path.join(workdir, "metrics", f"{stem}.json"),
+    atomic.write_bytes(layout.metrics_path(workdir, stem),
                        json.dumps(summary, indent=1, allow_nan=False).encode())
     headline = (f"{stem}: FID {summary['fid']:.4g}, sFID {summary['sfid']:.4g}, IS {summary['is']['mean']:.3f} "
                 f"over {synthetic.count} synthetic vs {real.count} real images ({encoder})")
@@ -191,12 +163,14 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
       headline += f"; label fidelity mIoU {fidelity['miou']:.3f}"
       title = (f"{stem}: label fidelity of {synthetic.count} synthetic pairs (FID {summary['fid']:.4g}) "
                f"under {encoder}")
-      viz.save_png(evaluate.report_picture(config, result.preview, fidelity, title),
-                   os.path.join(workdir, "report", f"{stem}.png"))
+      viz.save_png(report.report_picture(config, result.preview, fidelity, title),
+                   layout.report_path(workdir, f"{stem}.png"))
     print(headline, flush=True)
   return summary
 
 
-def run(config, workdir: str) -> dict:
-  """--mode=evaluate_samples: score data.synthetic_dir (default <workdir>/synthetic) into metrics/sample_quality.json."""
-  return run_for(config, workdir, config.data.synthetic_dir or sample.synthetic_dir(workdir))
+def run(config, workdir) -> dict:
+  """--mode=evaluate_samples: score data.synthetic_dir (default: this config's sampled set) into
+  metrics/sample_quality_<set>.json."""
+  directory = generator.synthetic_dir(config, workdir)
+  return run_for(config, workdir, directory, pathlib.Path(directory).name)

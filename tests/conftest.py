@@ -46,7 +46,7 @@ def load_config(name: str, **overrides):
 
 
 def config_flag(key: str, value) -> str:
-  """A command-line override: config_flag("model.ch_mult", (1, 2)) -> "--config.model.ch_mult=(1,2)"."""
+  """A command-line override: config_flag("diffusion.model.ch_mult", (1, 2)) -> "--config.diffusion.model.ch_mult=(1,2)"."""
   if isinstance(value, tuple):
     value = f"({','.join(map(str, value))})"
   return f"--config.{key}={value}"

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from conftest import load_config
-from satsynth_jax import parallel
+from satsynth_jax import generator, parallel
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, loop
 
@@ -17,14 +17,15 @@ def _neighbour_agreement(masks: np.ndarray) -> float:
 def test_demo_samples_have_real_like_class_structure(tmp_path):
   # The demo config at 16 px on one device (4 virtual CPU devices would only add overhead).
   config = load_config("demo", **{"data.image_size": 16, "data.patch_size": 32, "data.demo_num_scenes": 8,
-                                  "train.num_steps": 500, "train.checkpoint_every": 500, "train.sample_every": 0})
+                                  "diffusion.train.num_steps": 500, "diffusion.train.checkpoint_every": 500, "diffusion.train.sample_every": 0})
   workdir = str(tmp_path)
   prepare.run(config, workdir)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state = loop.train(diffusion.make_task(config, workdir, mesh), config.train, workdir, seed=0, mesh=mesh)
-  generate = diffusion.make_generate_fn(config, diffusion.make_model(config), mesh, 64, sampler="ddim", ddim_steps=50)
+  state = loop.train(diffusion.make_task(config, workdir, mesh), config.diffusion.train, workdir, seed=0, mesh=mesh)
+  generate = generator.make_generate_fn(config, generator.build_g(config), mesh, 64, sampler="ddim", ddim_steps=50)
   with jax.set_mesh(mesh):
-    _, masks = diffusion.decode_samples(config, parallel.to_host(generate(state.eval_params, jax.random.key(7))))
+    _, masks = generator.decode_samples(config, parallel.to_host(generate(state.eval_params, jax.random.key(7))),
+                                        np.random.default_rng(0))
 
   real = np.asarray(records.read_manifest(f"{workdir}/data/train")["class_pixels"], np.float64)
   real /= real.sum()

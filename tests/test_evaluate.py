@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_config
-from satsynth_jax import checkpoint, evaluate
+from satsynth_jax import checkpoint, evaluate, report, segmenter, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import segmentation
 from test_train_segmentation import random_variables
@@ -23,7 +23,7 @@ NAMES = ("background", *DEMO_NAMES[1:])
 # 2 val scenes of 32 px -> 8 patches of 16 px: one batch of 12 holds them and 4 padding rows.
 TINY = {
     "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
-    "data.class_names": NAMES, "segmentation.model": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+    "data.class_names": NAMES, "data.background_index": 0, "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
     "segmentation.eval_batch_size": 12,
 }
 SIZE = 16
@@ -37,10 +37,12 @@ def evaluated(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("eval"))
   config = load_config("demo", **TINY)
   prepare.run(config, workdir)
+  run = segmenter.Run.from_config(config)
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(segmentation, "_init_variables", lambda config, model, rng: random_variables(model, SIZE, 0))
-    state = segmentation.init_state(config, segmentation.make_model(config), jax.random.key(0))
-  mngr = checkpoint.manager(checkpoint.checkpoint_dir(workdir, segmentation.run_name(config)))
+    patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, SIZE, 0))
+    state = segmentation.init_state(segmenter.build(config, "unet"), SIZE, config.segmentation.train,
+                                    jax.random.key(0))
+  mngr = checkpoint.manager(layout.checkpoint_dir(workdir, run.name))
   checkpoint.save(mngr, STEP, state)
   mngr.wait_until_finished()
   scores = evaluate.run(config, workdir)
@@ -53,10 +55,11 @@ def _reject_nan(constant):
 
 def test_json_holds_the_run_and_standard_scores(evaluated):
   config, workdir, scores = evaluated
-  text = open(os.path.join(workdir, "metrics", "eval_unet_r0.json")).read()
+  text = open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")).read()
   summary = json.loads(text, parse_constant=_reject_nan)
-  assert {k: summary[k] for k in ("run", "model", "synthetic_ratio", "checkpoint_step", "background_index")} == {
-      "run": "unet_r0", "model": "unet", "synthetic_ratio": 0, "checkpoint_step": STEP, "background_index": 0}
+  keys = ("run", "architecture", "synthetic_ratio", "seed", "checkpoint_step", "background_index")
+  assert {k: summary[k] for k in keys} == {"run": "unet_r0_s0", "architecture": "unet", "synthetic_ratio": 0,
+                                            "seed": 0, "checkpoint_step": STEP, "background_index": 0}
   assert summary["class_names"] == list(NAMES)
   assert {"miou", "mf1", "miou_no_background", "mf1_no_background", "pixel_accuracy"} <= summary["scores"].keys()
   for name in NAMES:
@@ -67,7 +70,7 @@ def test_json_holds_the_run_and_standard_scores(evaluated):
 
 def test_every_val_example_counts_once_and_padding_never(evaluated):
   _, workdir, _ = evaluated
-  summary = json.load(open(os.path.join(workdir, "metrics", "eval_unet_r0.json")))
+  summary = json.load(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")))
   manifest = records.read_manifest(os.path.join(workdir, "data", "val"))
   assert manifest["num_examples"] == NUM_VAL and summary["num_examples"] == NUM_VAL
   # Patches are at model size, so the matrix holds exactly the labelled val pixels.
@@ -76,9 +79,9 @@ def test_every_val_example_counts_once_and_padding_never(evaluated):
 
 def test_report_png_is_written(evaluated):
   _, workdir, _ = evaluated
-  with Image.open(os.path.join(workdir, "report", "eval_unet_r0.png")) as picture:
+  with Image.open(os.path.join(workdir, "report", "eval_unet_r0_s0.png")) as picture:
     assert picture.mode == "RGB"
-    assert picture.width >= 600 and picture.height >= 4 * evaluate.PREVIEW_TILE  # 4 rows of 2 examples + chart
+    assert picture.width >= 600 and picture.height >= 4 * report.PREVIEW_TILE  # 4 rows of 2 examples + chart
 
 
 class _ColourCoded(nn.Module):
@@ -103,14 +106,15 @@ def test_eval_step_counts_only_valid_rows():
   assert preds.shape == (3, 4, 4)
 
 
-@pytest.mark.parametrize("names,expected", [(("field", "background", "road"), 1), (DEMO_NAMES, None)])
-def test_background_index(names, expected):
-  assert evaluate.background_index(names) == expected
+@pytest.mark.parametrize("config_name,expected", [("isaid", 0), ("loveda", None), ("openearthmap", None), ("demo", None)])
+def test_background_is_set_per_dataset_not_guessed_from_class_names(config_name, expected):
+  # LoveDA's class 0 is called "background" but is a real land-cover class: it stays in every mean.
+  assert evaluate.background_index(load_config(config_name)) == expected
 
 
 def test_score_table_lists_classes_and_means():
   scores = {"iou/a": 0.5, "f1/a": 2 / 3, "iou/b": float("nan"), "f1/b": float("nan"), "miou": 0.5, "mf1": 2 / 3}
-  lines = evaluate.score_table(scores, ["a", "b"]).splitlines()
+  lines = report.score_table(scores, ["a", "b"]).splitlines()
   assert lines[1].split() == ["a", "50.00", "66.67"]
   assert lines[2].split() == ["b", "n/a", "n/a"]
   assert lines[3].split() == ["mean", "50.00", "66.67"]

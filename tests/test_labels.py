@@ -1,5 +1,8 @@
 """Bit and one-hot label codecs: exact round trips and nearest-valid-code decoding."""
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -97,3 +100,235 @@ def test_onehot_decodes_by_argmax():
 def test_unknown_encoding_is_named():
   with pytest.raises(ValueError, match="unknown label encoding 'gray'"):
     labels.num_label_channels(4, "gray")
+
+
+# ---- no-data code, unclipped decoding, random tie breaking ----
+
+SMALL_KS = (2, 3, 5, 7, 8, 16, 255)
+SHAPE = (4, 64)  # one mask shape throughout, so jitted codecs compile once per K (random ops compile slowly)
+
+
+def _no_data(k, kind):
+  """An ignore_index that does not collide with the K classes: the records' value, or -1."""
+  if kind is None:
+    return None
+  return -1 if kind == "neg" else (255 if k <= 255 else 65535)
+
+
+def _reference_ties(codes, table):
+  """Brute force in float64: the set of rows at minimal squared distance, per point."""
+  d = ((np.asarray(codes, np.float64)[..., None, :] - table[None].astype(np.float64)) ** 2).sum(-1)
+  return d, np.isclose(d, d.min(-1, keepdims=True), rtol=0, atol=1e-9)
+
+
+@functools.cache
+def _jax_codec(k, encoding, ignore_index):
+  """Jitted (encode, decode-with-key) per codec: one compile each instead of op-by-op dispatch."""
+  encode = jax.jit(lambda m: labels.encode(m, k, encoding, ignore_index=ignore_index))
+  decode = jax.jit(lambda c, key: labels.decode(c, k, encoding, ignore_index=ignore_index, rng=key))
+  return encode, decode
+
+
+def _rows(decoded, k, ignore_index):
+  """Decoded class map -> table rows (no-data is row K)."""
+  decoded = np.asarray(decoded)
+  return decoded if ignore_index is None else np.where(decoded == ignore_index, k, decoded)
+
+
+@pytest.mark.parametrize("k,encoding,ignore_index,channels", [
+    (2, "bits", None, 1), (2, "bits", 255, 2), (3, "bits", 255, 2), (7, "bits", None, 3),
+    (7, "bits", 255, 3), (8, "bits", None, 3), (8, "bits", 255, 4), (16, "bits", None, 4),
+    (16, "bits", 255, 5), (255, "bits", 65535, 8), (256, "bits", 65535, 9),
+    (7, "onehot", None, 7), (7, "onehot", 255, 8), (16, "onehot", -1, 17)])
+def test_channel_counts_with_and_without_no_data(k, encoding, ignore_index, channels):
+  assert labels.num_label_channels(k, encoding, ignore_index=ignore_index) == channels
+  table = labels.class_codes(k, encoding, ignore_index=ignore_index)
+  assert table.shape == (k + (ignore_index is not None), channels)
+  assert len({tuple(r) for r in table}) == len(table)
+
+
+def test_no_data_code_is_integer_k():
+  np.testing.assert_array_equal(labels.class_codes(7, ignore_index=255)[7], [1, 1, 1])  # K=7's spare code
+  np.testing.assert_array_equal(labels.class_codes(8, ignore_index=255)[8], [0, 0, 0, 1])  # needs a 4th bit
+  # The classes keep their codes, zero-padded with the extra bit.
+  np.testing.assert_array_equal(labels.class_codes(8, ignore_index=255)[:8, :3], labels.class_codes(8))
+  np.testing.assert_array_equal(labels.class_codes(8, ignore_index=255)[:8, 3], 0)
+
+
+def test_ignore_index_must_not_be_a_class():
+  with pytest.raises(ValueError, match="ignore_index=3 collides with a class in \\[0, 7\\)"):
+    labels.num_label_channels(7, ignore_index=3)
+  with pytest.raises(TypeError, match="ignore_index must be an int"):
+    labels.class_codes(7, ignore_index=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.one_of(st.sampled_from(SMALL_KS), st.integers(2, 256)), seed=st.integers(0, 2**31 - 1),
+       encoding=st.sampled_from(labels.ENCODINGS), no_data=st.sampled_from([None, "records", "neg"]))
+def test_round_trip_with_and_without_no_data(k, seed, encoding, no_data):
+  ignore = _no_data(k, no_data)
+  rng = np.random.default_rng(seed)
+  dtype = np.uint8 if ignore == 255 else np.int32  # uint8 records store no-data as 255
+  mask = rng.integers(0, k, size=SHAPE).astype(dtype)
+  if ignore is not None:
+    mask[rng.random(mask.shape) < 0.3] = ignore
+  codes = labels.encode(mask, k, encoding, ignore_index=ignore)
+  assert codes.shape == mask.shape + (labels.num_label_channels(k, encoding, ignore_index=ignore),)
+  np.testing.assert_array_equal(labels.decode(codes, k, encoding, ignore_index=ignore), mask)
+  np.testing.assert_array_equal(labels.decode(codes, k, encoding, ignore_index=ignore, rng=rng), mask)
+  if k in SMALL_KS:  # JAX on a fixed set of K, so the compiles are shared across examples
+    jax_encode, jax_decode = _jax_codec(k, encoding, ignore)
+    jax_codes = jax_encode(jnp.asarray(mask))
+    np.testing.assert_array_equal(np.asarray(jax_codes), codes)
+    np.testing.assert_array_equal(np.asarray(jax_decode(jax_codes, jax.random.key(seed))), mask)
+  image = rng.integers(0, 256, size=mask.shape + (3,), dtype=np.uint8)
+  out_image, out_mask = labels.decode_pair(labels.encode_pair(image, mask, k, encoding, ignore_index=ignore), k,
+                                           encoding, ignore_index=ignore)
+  np.testing.assert_array_equal(out_image, image)
+  np.testing.assert_array_equal(out_mask, mask)
+
+
+@pytest.mark.parametrize("encoding", labels.ENCODINGS)
+@pytest.mark.parametrize("k", SMALL_KS)
+def test_no_data_code_decodes_to_ignore_index(k, encoding):
+  ignore = 255 if k < 255 else -1
+  code = labels.class_codes(k, encoding, ignore_index=ignore)[k]
+  noisy = code + np.random.default_rng(k).uniform(-0.3, 0.3, size=(50, code.size))
+  np.testing.assert_array_equal(labels.decode(noisy, k, encoding, ignore_index=ignore), ignore)
+  np.testing.assert_array_equal(np.asarray(labels.decode(jnp.asarray(noisy), k, encoding, ignore_index=ignore)), ignore)
+  # Signed units, as the model samples them.
+  np.testing.assert_array_equal(labels.decode_signed(labels.to_signed(noisy), k, encoding, ignore_index=ignore), ignore)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.sampled_from(SMALL_KS), seed=st.integers(0, 2**31 - 1), encoding=st.sampled_from(labels.ENCODINGS),
+       no_data=st.sampled_from([None, "records"]), scale=st.sampled_from([0.3, 1.0, 3.0]))
+def test_numpy_and_jitted_jax_decode_agree(k, seed, encoding, no_data, scale):
+  ignore = _no_data(k, no_data)
+  channels = labels.num_label_channels(k, encoding, ignore_index=ignore)
+  # scale 3: far outside [0, 1] too, as unclipped samples may be.
+  codes = np.random.default_rng(seed).normal(0.5, scale, size=(64, channels)).astype(np.float32)
+  want = labels.decode(codes, k, encoding, ignore_index=ignore)
+  got = jax.jit(lambda c: labels.decode(c, k, encoding, ignore_index=ignore))(jnp.asarray(codes))
+  # Compare where the float32 scores are not within rounding of a tie (matmul order may differ).
+  d, _ = _reference_ties(codes, labels.class_codes(k, encoding, ignore_index=ignore))
+  if encoding == "onehot":
+    d = -codes.astype(np.float64)
+  gap = np.sort(d, axis=-1)[:, 1] - d.min(-1)
+  clear = gap > 1e-4 * (1 + np.abs(d).max(-1))
+  np.testing.assert_array_equal(np.asarray(got)[clear], want[clear])
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.sampled_from(SMALL_KS), seed=st.integers(0, 2**31 - 1), encoding=st.sampled_from(labels.ENCODINGS),
+       no_data=st.sampled_from([None, "records"]))
+def test_decode_matches_brute_force_nearest_code(k, seed, encoding, no_data):
+  ignore = _no_data(k, no_data)
+  table = labels.class_codes(k, encoding, ignore_index=ignore)
+  rng = np.random.default_rng(seed)
+  # Dyadic values are exact in float32, so ties are exact in both the codec and the reference;
+  # values outside [0, 1] are what an unclipped sample has.
+  codes = rng.choice(np.array([-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.5], np.float32), size=SHAPE + table.shape[1:])
+  if encoding == "onehot":
+    d = -codes.astype(np.float64)  # nearest one-hot row == largest channel
+    tie_set = d == d.min(-1, keepdims=True)
+  else:
+    d, tie_set = _reference_ties(codes, table)
+  lowest = tie_set.argmax(-1)
+  np.testing.assert_array_equal(_rows(labels.decode(codes, k, encoding, ignore_index=ignore), k, ignore), lowest)
+  for decoded in (labels.decode(codes, k, encoding, ignore_index=ignore, rng=rng),
+                  _jax_codec(k, encoding, ignore)[1](jnp.asarray(codes), jax.random.key(seed))):
+    rows = _rows(decoded, k, ignore)
+    assert rows.min() >= 0 and rows.max() < len(table)
+    assert np.take_along_axis(tie_set, rows[..., None], axis=-1).all()
+
+
+def _assert_uniform(decoded, classes):
+  decoded = np.asarray(decoded)
+  assert set(np.unique(decoded).tolist()) == set(classes)
+  share = np.array([(decoded == c).mean() for c in classes])
+  # n=6000 gives a standard error of ~0.006 at 1/3; +-0.06 is ~10 sigma, so never flaky.
+  np.testing.assert_allclose(share, 1.0 / len(classes), atol=0.06)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "jax"])
+def test_k7_spare_code_ties_go_uniformly_to_3_5_6(backend):
+  n = 6000
+  spare = np.tile(labels.class_codes(8)[7], (n, 1))  # [1, 1, 1]: one bit from 3, 5 and 6
+  beyond = labels.from_signed(np.random.default_rng(0).uniform(1.0, 3.0, size=(n, 3)))  # all clip to [1, 1, 1]
+  np.testing.assert_array_equal(beyond, spare)
+  np.testing.assert_array_equal(labels.decode(spare, 7), 3)  # without rng: the lowest tied class
+  if backend == "numpy":
+    decoded = labels.decode(spare, 7, rng=np.random.default_rng(1))
+    clipped = labels.decode(beyond, 7, rng=np.random.default_rng(2))
+  else:
+    decode = jax.jit(lambda c, key: labels.decode(c, 7, rng=key))
+    decoded = decode(jnp.asarray(spare), jax.random.key(1))
+    clipped = decode(jnp.asarray(beyond), jax.random.key(2))
+  _assert_uniform(decoded, [3, 5, 6])
+  _assert_uniform(clipped, [3, 5, 6])
+
+
+def test_k5_invalid_code_ties_split_evenly():
+  code5 = np.tile(labels.class_codes(8)[5], (6000, 1))  # [1, 0, 1]: one flip from 1 and 4
+  _assert_uniform(labels.decode(code5, 5, rng=np.random.default_rng(0)), [1, 4])
+
+
+def test_unclipped_points_beyond_the_spare_code_spread_over_its_neighbours():
+  # Unclipped, the weakest bit of a point beyond [1, 1, 1] is cleared: symmetric, so no class is favoured.
+  beyond = np.random.default_rng(0).uniform(1.0, 3.0, size=(6000, 3))
+  _assert_uniform(labels.decode_signed(beyond, 7), [3, 5, 6])
+
+
+def test_unclipped_decoding_differs_from_clipped_where_clipping_makes_a_tie():
+  # Signed K=7 sample beyond the spare code; bit 1 is the weakest, so 0b101 = 5 is nearest.
+  label = np.array([1.4, 1.2, 1.6], np.float32)
+  assert labels.decode(labels.from_signed(label), 7) == 3  # clipped: tie at [1, 1, 1] -> lowest
+  assert labels.decode_signed(label, 7) == 5
+  joint = np.concatenate([[1.5, -2.0, 0.0], label]).astype(np.float32)
+  image, mask = labels.decode_pair(joint, 7)
+  np.testing.assert_array_equal(image, [255, 0, 128])  # the image is still clipped
+  assert mask == 5
+  _, jax_mask = labels.decode_pair(jnp.asarray(joint), 7, rng=jax.random.key(0))
+  assert int(jax_mask) == 5  # no tie, so rng does not matter
+  # One-hot: two channels beyond 1 clip to a tie; unclipped the larger one wins.
+  onehot = np.array([1.2, 1.5, -1.0], np.float32)
+  assert labels.decode(labels.from_signed(onehot), 3, "onehot") == 0
+  assert labels.decode_pair(np.concatenate([[0.0] * 3, onehot]), 3, "onehot")[1] == 1
+
+
+def test_power_of_two_bits_decode_the_same_clipped_or_not():
+  x = np.random.default_rng(0).normal(0.0, 2.0, size=(500, 4)).astype(np.float32)
+  np.testing.assert_array_equal(labels.decode_signed(x, 16), labels.decode(labels.from_signed(x), 16))
+
+
+def test_invalid_mask_values_are_not_silently_encoded():
+  with pytest.raises(ValueError, match=r"mask values \[7\] are not classes in \[0, 7\)"):
+    labels.encode(np.array([0, 7]), 7)
+  with pytest.raises(ValueError, match=r"mask values \[-1, 9\] are not classes in \[0, 7\) or ignore_index=255"):
+    labels.encode(np.array([-1, 9, 255]), 7, ignore_index=255)
+  with pytest.raises(ValueError, match="not classes"):
+    labels.encode_pair(np.zeros((1, 2, 3), np.uint8), np.array([[0, 255]]), 7)  # no-data without ignore_index
+  # JAX cannot raise inside jit: invalid pixels become NaN (caller validates); valid ones are exact.
+  codes = jax.jit(lambda m: labels.encode(m, 7, ignore_index=255))(jnp.array([3, 9, 255, -2]))
+  assert np.isnan(np.asarray(codes)[[1, 3]]).all()
+  np.testing.assert_array_equal(np.asarray(codes)[[0, 2]], [[1, 1, 0], [1, 1, 1]])
+
+
+def test_rng_kind_must_match_the_array_kind():
+  with pytest.raises(TypeError, match="numpy.random.Generator"):
+    labels.decode(np.zeros((2, 3)), 7, rng=jax.random.key(0))
+  with pytest.raises(TypeError, match="JAX PRNG key"):
+    labels.decode(jnp.zeros((2, 3)), 7, rng=np.random.default_rng(0))
+
+
+def test_decode_rejects_codes_with_the_wrong_channel_count():
+  with pytest.raises(ValueError, match="have 4 channels, got shape \\(2, 3\\)"):
+    labels.decode(np.zeros((2, 3)), 8, ignore_index=255)
+
+
+def test_decode_pair_jits_with_a_raw_prng_key():
+  joint = jnp.asarray(labels.encode_pair(np.zeros((4, 4, 3), np.uint8), np.full((4, 4), 255), 7, ignore_index=255))
+  decode = jax.jit(lambda j, key: labels.decode_pair(j, 7, ignore_index=255, rng=key))
+  _, mask = decode(joint, jax.random.PRNGKey(0))
+  np.testing.assert_array_equal(np.asarray(mask), 255)

@@ -1,5 +1,7 @@
-"""The shared training loop: resume equals uninterrupted, NaN stops cleanly, SIGTERM saves."""
+"""The shared training loop: resume equals uninterrupted, NaN stops cleanly, SIGTERM saves, a damaged
+checkpoint stops the resume (or, when allowed, is skipped)."""
 
+import glob
 import json
 import os
 import signal
@@ -12,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from satsynth_jax import checkpoint, parallel
+from satsynth_jax import checkpoint, parallel, workdir as layout
 from satsynth_jax.train import loop
 from satsynth_jax.train.state import TrainState
 
@@ -109,15 +111,16 @@ def test_four_devices_match_one_device(tmp_path, data):
 
 
 def test_batch_not_divisible_by_devices_is_refused(tmp_path, data):
-  with pytest.raises(ValueError, match=r"train.batch_size=6 is not divisible by the 4 devices"):
+  with pytest.raises(ValueError, match=r"config.train.batch_size=6 is not divisible by the 4 devices"):
     loop.train(_linear_task(data), _train_config(batch_size=6), str(tmp_path), seed=0)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
   task = _linear_task(data, poison_after=4)  # batches 5.. carry NaN targets
-  with pytest.raises(loop.NonFiniteLossError, match=r"non-finite metrics at step 5.*Last good checkpoint: step 3"):
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"non-finite metrics at step 5.*This run started fresh; its newest checkpoint is step 3"):
     loop.train(task, _train_config(), str(tmp_path), seed=0)
-  mngr = checkpoint.manager(checkpoint.checkpoint_dir(str(tmp_path), "toy"))
+  mngr = checkpoint.manager(layout.checkpoint_dir(str(tmp_path), "toy"))
   assert mngr.all_steps() == [3]
   restored, _ = checkpoint.restore(mngr, jax.eval_shape(task.init, jax.random.key(0)))
   assert np.isfinite(np.asarray(restored.params["w"])).all()
@@ -130,7 +133,7 @@ def test_sigterm_saves_then_stops_and_the_rerun_finishes(tmp_path, data):
 
   with pytest.raises(loop.TrainingInterrupted, match="SIGTERM at step 2; checkpoint saved"):
     loop.train(_linear_task(data, on_batch=terminate), _train_config(), str(tmp_path / "b"), seed=0)
-  assert checkpoint.manager(checkpoint.checkpoint_dir(str(tmp_path / "b"), "toy")).all_steps() == [2]
+  assert checkpoint.manager(layout.checkpoint_dir(str(tmp_path / "b"), "toy")).all_steps() == [2]
   resumed = loop.train(_linear_task(data), _train_config(), str(tmp_path / "b"), seed=0)
   full = loop.train(_linear_task(data), _train_config(), str(tmp_path / "a"), seed=0)
   np.testing.assert_array_equal(_params(full)[0], _params(resumed)[0])
@@ -140,3 +143,44 @@ def test_missing_checkpoint_names_the_directory(tmp_path):
   mngr = checkpoint.manager(str(tmp_path / "checkpoints" / "g"))
   with pytest.raises(checkpoint.CheckpointNotFoundError, match=r"no checkpoint in .*checkpoints/g"):
     checkpoint.resolve_step(mngr, None)
+
+
+def test_nan_after_a_resume_names_the_step_it_resumed_from(tmp_path, data):
+  loop.train(_linear_task(data), _train_config(num_steps=3), str(tmp_path), seed=0)
+  with pytest.raises(loop.NonFiniteLossError,
+                     match=r"non-finite metrics at step 4.*This run resumed from step 3; its newest checkpoint "
+                           r"is step 3 .*verified when a re-run resumes"):
+    loop.train(_linear_task(data, poison_after=1), _train_config(), str(tmp_path), seed=0)
+
+
+def _damage_latest_state(workdir, step):
+  """Delete the data files of a step's state (orbax's OCDBT stores; tiny arrays sit inline in the
+  B-tree nodes of the merged store): the step no longer reads."""
+  directory = layout.checkpoint_dir(workdir, "toy") / str(step) / "state"
+  for name in glob.glob(str(directory / "d" / "*")) + glob.glob(str(directory / "ocdbt.process_*" / "d" / "*")):
+    os.unlink(name)
+
+
+def test_a_damaged_latest_checkpoint_stops_the_resume_in_one_line(tmp_path, data):
+  loop.train(_linear_task(data), _train_config(), str(tmp_path), seed=0)
+  _damage_latest_state(str(tmp_path), 6)
+  with pytest.raises(checkpoint.CheckpointDamagedError,
+                     match=r"toy/6: unreadable or damaged \(.*\); re-run with --allow_checkpoint_fallback to use "
+                           r"step 3"):
+    loop.train(_linear_task(data), _train_config(num_steps=9), str(tmp_path), seed=0)
+
+
+def test_with_fallback_a_resume_skips_the_damaged_step_and_matches_an_uninterrupted_run(tmp_path, data):
+  loop.train(_linear_task(data), _train_config(), str(tmp_path / "b"), seed=0)
+  _damage_latest_state(str(tmp_path / "b"), 6)
+  checkpoint.configure(allow_fallback=True)
+  try:
+    resumed = loop.train(_linear_task(data), _train_config(num_steps=9), str(tmp_path / "b"), seed=0)
+  finally:
+    checkpoint.configure(allow_fallback=False)
+  full = loop.train(_linear_task(data), _train_config(num_steps=9), str(tmp_path / "a"), seed=0)
+  for a, b in zip(_params(full), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  run = layout.checkpoint_dir(str(tmp_path / "b"), "toy")
+  assert (run / "6.damaged").is_dir()
+  assert checkpoint.manager(run).all_steps() == [3, 6, 9]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from satsynth_jax import checkpoint, distributed, parallel, sample
+from satsynth_jax import checkpoint, distributed, parallel, sample, workdir as layout
 from satsynth_jax.data import pipeline, prepare, records
 from satsynth_jax.train import diffusion, loop
 
@@ -29,12 +29,12 @@ NUM_PROCESSES = 2
 TIMEOUT_S = 240  # per launch; one takes 15-60 s on 2 busy cores
 TINY = {
     # One resolution level, no attention: the smallest U-Net, so compiling stays cheap.
-    "model.ch": 32, "model.ch_mult": (1,), "model.num_res_blocks": 1, "model.attn_resolutions": (),
+    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1, "diffusion.model.attn_resolutions": (),
     "diffusion.timesteps": 50, "data.image_size": 8, "data.patch_size": 32, "data.demo_num_scenes": 2,
-    "data.demo_scene_size": 64, "data.read_threads": 1, "train.batch_size": 8, "train.num_steps": 4,
-    "train.lr": 1e-3, "train.warmup_steps": 2, "train.log_every": 2, "train.checkpoint_every": 2,
-    "train.sample_every": 4,
-    "train.num_grid_samples": 4, "train.grid_sampler_steps": 2, "sample.per_real": 2, "sample.sampler": "ddim",
+    "data.demo_scene_size": 64, "data.read_threads": 1, "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4,
+    "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2, "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2,
+    "diffusion.train.sample_every": 4,
+    "diffusion.train.num_grid_samples": 4, "diffusion.train.grid_sampler_steps": 2, "sample.per_real": 2, "sample.sampler": "ddim",
     "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 4,
 }
 
@@ -87,7 +87,7 @@ def _launch(workdir: str, mode: str, logs: pathlib.Path, via_env: bool) -> list[
 
 def _global_batches(config, real_dir: str, num_steps: int) -> list[dict]:
   """Step i's global batch as the processes assemble it: process 0's rows, then process 1's."""
-  per_process = config.train.batch_size // NUM_PROCESSES
+  per_process = config.diffusion.train.batch_size // NUM_PROCESSES
   streams = [iter(pipeline.diffusion_batches(config, real_dir, batch_size=per_process, seed=config.seed,
                                              process_index=p, process_count=NUM_PROCESSES))
              for p in range(NUM_PROCESSES)]
@@ -95,15 +95,16 @@ def _global_batches(config, real_dir: str, num_steps: int) -> list[dict]:
 
 
 def _final_state(config, workdir: str):
-  model = diffusion.make_model(config)
-  state, step = checkpoint.restore_for_inference(
-      workdir, diffusion.model_name(config), lambda rng: diffusion.init_state(config, model, rng), parallel.make_mesh())
-  assert step == config.train.num_steps
+  mesh = parallel.make_mesh()
+  task = diffusion.make_task(config, workdir, mesh)
+  mngr = checkpoint.manager(layout.checkpoint_dir(workdir, task.name), create=False)
+  state, _ = checkpoint.restore(mngr, loop.abstract_state(task, mesh, config.seed))
+  assert int(state.step) == config.diffusion.train.num_steps
   return parallel.to_host({"params": state.params, "ema_params": state.ema_params, "opt_state": state.opt_state})
 
 
 def _metrics(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics", "diffusion.jsonl")
+  path = os.path.join(workdir, "metrics", "diffusion_x0.jsonl")
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f]
 
@@ -162,10 +163,10 @@ def runs(tmp_path_factory):
 
   mesh = parallel.make_mesh()
   assert mesh.size == 2 * NUM_PROCESSES
-  batches = _global_batches(config, os.path.join(multi, "data", "train"), config.train.num_steps)
+  batches = _global_batches(config, os.path.join(multi, "data", "train"), config.diffusion.train.num_steps)
   task = dataclasses.replace(diffusion.make_task(config, single, mesh), preview=None,
                              make_batches=lambda: iter(grain.MapDataset.source(batches).to_iter_dataset()))
-  loop.train(task, config.train, single, seed=config.seed, mesh=mesh)
+  loop.train(task, config.diffusion.train, single, seed=config.seed, mesh=mesh)
   return config, multi, single, sample_logs
 
 
@@ -194,16 +195,16 @@ def test_final_params_equal_a_single_process_run(runs):
 
 def test_only_process_0_writes_metrics_and_the_preview(runs):
   _, multi, _, _ = runs
-  assert os.path.exists(os.path.join(multi, "samples", "diffusion_step00000004.png"))
-  metric_files = sorted(os.listdir(os.path.join(multi, "metrics", "diffusion")))
+  assert os.path.exists(os.path.join(multi, "samples", "diffusion_x0_step00000004.png"))
+  metric_files = sorted(os.listdir(os.path.join(multi, "metrics", "diffusion_x0")))
   assert len(metric_files) == 1 and metric_files[0].startswith("events.out.tfevents.")
 
 
 def test_both_processes_write_their_shards_and_together_hold_the_requested_count(runs):
   config, multi, _, logs = runs
   num_real = records.read_manifest(os.path.join(multi, "data", "train"))["num_examples"]
-  requested = config.sample.per_real * num_real
-  out = sample.synthetic_dir(multi)
+  requested = sample.pool_factor(config) * config.sample.per_real * num_real
+  out = layout.synthetic_dir(multi, "diffusion_x0")
   manifest = records.read_manifest(out)
   assert manifest["num_examples"] == requested
   num_shards = len(manifest["shards"])

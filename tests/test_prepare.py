@@ -14,7 +14,8 @@ from hypothesis import given, strategies as st
 from PIL import Image
 
 from conftest import REPO, load_config
-from satsynth_jax.data import prepare, records, sources, tiling
+from satsynth_jax.data import prepare, records, tiling
+from satsynth_jax.data.sources.scenes import SourceError
 from test_sources import loveda_classes, save, write_isaid, write_loveda, write_openearthmap
 
 ID = re.compile(r"(?P<scene>.+)_y(?P<y>\d+)_x(?P<x>\d+)")
@@ -160,21 +161,71 @@ def test_rerun_skips_finished_splits_and_rebuilds_an_interrupted_one(tmp_path, c
   assert manifests["val"]["num_examples"] == 1 and len(read_split(work / "data/val")) == 1
 
 
+def test_patch_larger_than_every_scene_is_refused_before_anything_is_written(tmp_path):
+  write_isaid(tmp_path / "src", {"train": {"P1": (40, 50), "P2": (30, 60)}, "val": {"P3": (20, 17)}})
+  work = tmp_path / "work"
+
+  def config(patch_size: int):
+    return load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": patch_size})
+
+  with pytest.raises(prepare.PrepareError, match=r"^the train split would hold no patch: data\.patch_size=64 "
+                     r"fits in none of its 2 scene\(s\) \(the largest, P1, is 50x40 px\); .*at most 40$"):
+    prepare.run(config(64), work)
+  # Train would get patches but val would not: still refused before train is written.
+  with pytest.raises(prepare.PrepareError, match=r"the val split would hold no patch: .*P3, is 17x20 px"):
+    prepare.run(config(32), work)
+  assert not (work / "data").exists() and not (work / "report").exists()
+  manifests = prepare.run(config(16), work)
+  assert manifests["train"]["num_examples"] > 0 and manifests["val"]["num_examples"] == 4
+
+
+def test_rerun_with_other_settings_is_refused_naming_each_key(tmp_path, capsys):
+  write_isaid(tmp_path / "src", {"train": {"P1": (32, 32)}, "val": {"P2": (32, 32)}})
+  overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16}
+  work = tmp_path / "work"
+  manifests = prepare.run(load_config("isaid", **overrides), work)
+  settings = manifests["train"]["settings"]
+  assert settings["data.format"] == "isaid" and settings["data.source_dir"] == str(tmp_path / "src")
+  assert (settings["data.patch_size"], settings["data.patch_stride"], settings["data.num_classes"]) == (16, 16, 16)
+  assert settings["data.palette"][1] == [0, 0, 63] and settings["data.mask_format"] == "rgb"
+  assert "seed" not in settings and "data.val_fraction" not in settings  # official val split: unused
+  shard = work / "data/train" / records.shard_filename(0)
+  before = shard.stat().st_mtime_ns
+  with pytest.raises(prepare.PrepareError) as error:
+    prepare.run(load_config("isaid", **overrides | {"data.patch_size": 32, "data.patch_stride": 8}), work)
+  message = str(error.value)
+  assert message.startswith(f"{work / 'data/train/manifest.json'} was prepared with other settings: ")
+  assert "data.patch_size 16 -> 32" in message and "data.patch_stride 16 -> 8" in message
+  assert f"use a fresh --workdir, or delete {work / 'data'}" in message and "\n" not in message
+  assert shard.stat().st_mtime_ns == before
+  capsys.readouterr()
+  prepare.run(load_config("isaid", **overrides | {"seed": 7, "data.patch_stride": 16}), work)  # same data
+  assert "(already prepared, skipped)" in capsys.readouterr().out
+
+
+def test_held_out_val_records_its_fraction_and_seed(tmp_path):
+  write_loveda(tmp_path / "src", {("Train", "Rural"): ["1", "2", "3"]}, size=(16, 16))
+  overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16, "data.val_fraction": 0.3}
+  prepare.run(load_config("loveda", **overrides), tmp_path / "work")
+  with pytest.raises(prepare.PrepareError, match=r"seed 0 -> 1"):
+    prepare.run(load_config("loveda", **overrides, seed=1), tmp_path / "work")
+
+
 def test_bad_sources_fail_naming_the_file(tmp_path):
   write_loveda(tmp_path / "src", {("Train", "Rural"): ["1", "2"]}, size=(16, 16))
   save(tmp_path / "src/Train/Rural/masks_png/2.png", np.full((16, 16), 8, np.uint8))
   config = load_config("loveda", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16,
                                     "data.val_fraction": 0.0})  # both scenes stay in train
-  with pytest.raises(sources.SourceError, match=r"masks_png/2\.png: raw mask values .*8: 256 px"):
+  with pytest.raises(SourceError, match=r"masks_png/2\.png: raw mask values .*8: 256 px"):
     prepare.run(config, tmp_path / "work")
   assert not (tmp_path / "work/data/train" / records.MANIFEST).exists()  # nothing half-written passes as done
 
 
 def test_empty_download_and_ignore_index_clash_are_refused(tmp_path):
   (tmp_path / "empty").mkdir()
-  with pytest.raises(sources.SourceError, match="no train scenes found"):
+  with pytest.raises(SourceError, match="no train scenes found"):
     prepare.run(load_config("loveda", **{"data.source_dir": str(tmp_path / "empty")}), tmp_path / "w1")
-  with pytest.raises(sources.SourceError, match=r"ignore_index=254: records store no-data as 255"):
+  with pytest.raises(SourceError, match=r"ignore_index=254: records store no-data as 255"):
     prepare.run(load_config("loveda", **{"data.ignore_index": 254}), tmp_path / "w2")
 
 
@@ -197,7 +248,12 @@ def test_real_loveda_maps_raw_labels(shared_data, tmp_path, capsys):
       np.testing.assert_array_equal(pair["image"], image)
       np.testing.assert_array_equal(pair["mask"], loveda_classes(raw))
       seen |= set(np.unique(pair["mask"]).tolist())
-    assert len(raw_masks) * 4 == manifests[split]["num_examples"]  # 1024 px tiles -> 2 x 2 patches
+      if split == "train":  # mostly no-data train patches are dropped (data.max_no_data_fraction=0.5)
+        assert np.mean(pair["mask"] == 255) <= 0.5
+    # 1024 px tiles -> 2 x 2 patches; val keeps all of them, train those not mostly no-data.
+    expected = {tile: sum(np.mean(mask[y:y + 512, x:x + 512] == 0) <= 0.5 if split == "train" else 1
+                          for y in (0, 512) for x in (0, 512)) for tile, (_, mask) in raw_masks.items()}
+    assert sum(expected.values()) == manifests[split]["num_examples"]
   assert seen == {0, 1, 2, 3, 4, 5, 6, 255}  # SOURCE.md: the ten masks hold every raw value 0..7
 
 
@@ -238,4 +294,5 @@ def test_cli_prepares_the_demo(tmp_path):
     assert manifest["num_examples"] == scenes * 9 and manifest["source"] == "demo"
     assert (tmp_path / "report" / f"prepare_{split}.png").is_file()
     assert (tmp_path / "report" / f"class_frequency_{split}.png").is_file()
+    assert manifest["settings"]["data.demo_num_scenes"] == 4 and manifest["settings"]["data.demo_scene_size"] == 96
   assert "train: 4 scenes -> 36 patches" in result.stdout

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satsynth_jax.data import records
+from satsynth_jax.data import records, tfrecord
 from satsynth_jax.data.records import Pair, PairSource, RecordError
 
 NAMES6 = [f"class{i}" for i in range(6)]
@@ -31,7 +31,7 @@ def make_pairs(n: int, num_classes: int = 6, size: int = 16, seed: int = 0) -> l
 
 
 def stored_mask_mode(data: bytes) -> str:
-  example = records.Example()
+  example = tfrecord.Example()
   example.ParseFromString(data)
   return Image.open(io.BytesIO(example.features.feature["mask"].bytes_list.value[0])).mode
 
@@ -91,7 +91,7 @@ def test_write_records_rolls_over_shards_and_fills_manifest(written):
   assert manifest["class_pixels"] == pixels(pairs)
   assert manifest == records.read_manifest(directory)
   # Atomic writes leave no temporaries behind.
-  assert sorted(p.name for p in directory.iterdir()) == ["manifest.json"] + sorted(
+  assert sorted(p.name for p in directory.iterdir()) == ["dataset_info.json", "features.json", "manifest.json"] + sorted(
       f"shard-0000{i}.tfrecord{ext}" for i in range(3) for ext in ("", ".index"))
 
 
@@ -111,7 +111,7 @@ def test_pair_source_random_access_across_shards(written):
 def test_iter_records_reads_shards_in_order(written):
   directory, pairs, _ = written
   ids = [records.parse_pair(data)["id"]
-         for i in range(3) for data in records.iter_records(directory / records.shard_filename(i))]
+         for i in range(3) for data in tfrecord.iter_records(directory / records.shard_filename(i))]
   assert ids == [p.id for p in pairs]
 
 
@@ -121,8 +121,8 @@ def test_framing_matches_a_record_tensorflow_wrote(tmp_path):
   golden = bytes.fromhex("0800000000000000ff86240f73617473796e7468d7104ca4")
   path = tmp_path / "golden.tfrecord"
   path.write_bytes(golden)
-  assert list(records.iter_records(path)) == [b"satsynth"]
-  assert records.frame_record(b"satsynth") == golden
+  assert list(tfrecord.iter_records(path)) == [b"satsynth"]
+  assert tfrecord.frame(b"satsynth") == golden
 
 
 def test_existing_output_is_refused_unless_overwrite(written):
@@ -136,7 +136,7 @@ def test_existing_output_is_refused_unless_overwrite(written):
   # Stale shards from the larger earlier write are gone, so the directory verifies.
   assert [s["count"] for s in manifest["shards"]] == [2]
   assert sorted(p.name for p in directory.iterdir()) == [
-      "manifest.json", "shard-00000.tfrecord", "shard-00000.tfrecord.index"]
+      "dataset_info.json", "features.json", "manifest.json", "shard-00000.tfrecord", "shard-00000.tfrecord.index"]
   np.testing.assert_array_equal(PairSource(directory)[1]["image"], make_pairs(2, seed=5)[1].image)
 
 
@@ -164,11 +164,12 @@ def test_resume_helpers_recover_shard_entries(written, tmp_path):
     records.shard_entry(directory / "shard-00002.tfrecord")
 
 
-def test_empty_split_writes_a_valid_manifest(tmp_path):
-  manifest = records.write_records(tmp_path, [], num_classes=6, class_names=NAMES6,
-                                   source="toy", examples_per_shard=4)
-  assert manifest["num_examples"] == 0 and manifest["class_pixels"] == [0] * 6
-  assert len(PairSource(tmp_path)) == 0
+def test_an_empty_set_is_refused_and_never_saved_as_finished(tmp_path):
+  with pytest.raises(records.RecordError, match="no examples to write; no manifest was saved"):
+    records.write_records(tmp_path, [], num_classes=6, class_names=NAMES6, source="toy", examples_per_shard=4)
+  assert not (tmp_path / "manifest.json").exists()
+  with pytest.raises(records.RecordError, match="manifest.json is missing"):
+    records.read_manifest(tmp_path)
 
 
 def test_flipped_byte_gives_crc_error_naming_file_and_record(written):
@@ -183,7 +184,7 @@ def test_flipped_byte_gives_crc_error_naming_file_and_record(written):
     source[1]
   assert source[2]["id"] == pairs[2].id  # neighbours stay readable
   with pytest.raises(RecordError, match=r"shard-00000\.tfrecord: record 1: data CRC"):
-    list(records.iter_records(shard))
+    list(tfrecord.iter_records(shard))
 
 
 def test_truncated_shard_names_file_and_record(written):
@@ -194,7 +195,7 @@ def test_truncated_shard_names_file_and_record(written):
   with pytest.raises(RecordError, match=r"shard-00001\.tfrecord: record 2: truncated"):
     source[5]
   with pytest.raises(RecordError, match=r"shard-00001\.tfrecord: record 2: truncated"):
-    list(records.iter_records(shard))
+    list(tfrecord.iter_records(shard))
 
 
 def test_missing_shard_is_reported(written):

@@ -8,7 +8,7 @@ import pytest
 from etils import epath
 
 from conftest import load_config
-from satsynth_jax.data import pipeline, records
+from satsynth_jax.data import pipeline, records, tfrecord
 
 NAMES = [f"class{i}" for i in range(6)]
 
@@ -72,7 +72,7 @@ def test_shard_helpers_accept_epath(split):
   assert records.shard_record_count(shard) == 3
   assert records.shard_record_count(epath.Path(split) / records.shard_filename(9)) == 0
   assert records.shard_entry(shard) == records.shard_entry(split / records.shard_filename(0))
-  assert len(list(records.iter_records(shard))) == 3
+  assert len(list(tfrecord.iter_records(shard))) == 3
 
 
 def test_pipeline_batches_from_an_epath_folder_equal_the_local_ones(split):

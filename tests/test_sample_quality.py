@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import load_config, run_main
-from satsynth_jax import checkpoint, evaluate, parallel, sample_quality
+from satsynth_jax import checkpoint, evaluate, parallel, sample_quality, segmenter, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.metrics import segmentation as seg_metrics
-from satsynth_jax.train import segmentation
+from satsynth_jax.train import metric_encoder
 from test_train_segmentation import NUM_TRAIN, SIZE, TINY
 
 ENCODER_ID = re.compile(r"metric_encoder@30:[0-9a-f]{12}")
+DEFAULT_SET = "diffusion_x0"  # the set the demo config's generator (x0 prediction) samples
 
 
 def strict_json(path) -> dict:
@@ -57,32 +58,34 @@ def encoder(cli, tmp_path_factory):
 
 
 def evaluate_samples(cli, workdir, synthetic_dir=None) -> tuple[dict, str]:
-  """(metrics/sample_quality.json, stdout) of --mode=evaluate_samples on data.synthetic_dir (default: unset)."""
+  """(metrics/sample_quality_<set>.json, stdout) of --mode=evaluate_samples on data.synthetic_dir (default: unset)."""
   stdout = cli("evaluate_samples", workdir, {"data.synthetic_dir": synthetic_dir} if synthetic_dir else None)
-  return strict_json(os.path.join(workdir, "metrics", "sample_quality.json")), stdout
+  name = os.path.basename(synthetic_dir) if synthetic_dir else DEFAULT_SET
+  return strict_json(os.path.join(workdir, "metrics", f"sample_quality_{name}.json")), stdout
 
 
 @pytest.fixture(scope="module")
 def real_as_synthetic(cli, encoder) -> dict:
   """Scores of <workdir>/synthetic (the default) holding a copy of the real train records."""
   _, workdir = encoder
-  shutil.copytree(os.path.join(workdir, "data", "train"), os.path.join(workdir, "synthetic"))
+  shutil.copytree(os.path.join(workdir, "data", "train"), layout.synthetic_dir(workdir, DEFAULT_SET))
   scores, stdout = evaluate_samples(cli, workdir)
-  assert f"sample_quality: FID {scores['fid']:.4g}" in stdout
+  assert f"sample_quality_{DEFAULT_SET}: FID {scores['fid']:.4g}" in stdout
   return scores
 
 
 def test_encoder_trains_in_its_own_run_and_a_rerun_changes_nothing(encoder):
   config, workdir = encoder
-  encoder_dir = checkpoint.checkpoint_dir(workdir, "metric_encoder")
+  encoder_dir = layout.checkpoint_dir(workdir, "metric_encoder")
   assert checkpoint.manager(encoder_dir, create=False).all_steps() == [15, 30]
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["metric_encoder"]  # not the segmenter's unet_r0
   assert os.path.isfile(os.path.join(workdir, "metrics", "metric_encoder.jsonl"))
   mesh = parallel.make_mesh()
-  before = sample_quality.weights_id(sample_quality.restore_metric_encoder(config, workdir, mesh)[1], 30)
-  sample_quality.train_metric_encoder(config, workdir)  # already at num_steps: restores, trains nothing
+  run = segmenter.Run.metric_encoder(config)
+  before = sample_quality.weights_id(segmenter.restore(config, workdir, run, mesh)[1], 30)
+  metric_encoder.run(config, workdir)  # already at num_steps: restores, trains nothing
   assert checkpoint.manager(encoder_dir, create=False).all_steps() == [15, 30]
-  assert sample_quality.weights_id(sample_quality.restore_metric_encoder(config, workdir, mesh)[1], 30) == before
+  assert sample_quality.weights_id(segmenter.restore(config, workdir, run, mesh)[1], 30) == before
 
 
 def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(encoder, real_as_synthetic):
@@ -96,15 +99,14 @@ def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(
   assert scores["is"]["splits"] == 1 and scores["is"]["std"] == 0.0  # 4 images: too few to split
   # Consistency: the synthetic masks are the real ones, so label fidelity is the encoder's train mIoU.
   mesh = parallel.make_mesh()
-  encoder_config = sample_quality.metric_encoder_config(config)
-  model, variables, _ = segmentation.restore_variables(encoder_config, workdir, mesh, name="metric_encoder")
-  result = evaluate.evaluate_split(encoder_config, model, variables, os.path.join(workdir, "data", "train"), mesh)
+  model, variables, _ = segmenter.restore(config, workdir, segmenter.Run.metric_encoder(config), mesh)
+  result = evaluate.evaluate_split(config, model, variables, os.path.join(workdir, "data", "train"), mesh)
   want = seg_metrics.segmentation_scores(result.confusion, config.data.class_names)
   assert scores["label_fidelity_miou"] == pytest.approx(want["miou"], rel=1e-12)
   for name in config.data.class_names:
     key = f"iou/{name}"
     assert scores["label_fidelity"][key] == (None if np.isnan(want[key]) else pytest.approx(want[key], rel=1e-12))
-  assert os.path.isfile(os.path.join(workdir, "report", "sample_quality.png"))
+  assert os.path.isfile(os.path.join(workdir, "report", f"sample_quality_{DEFAULT_SET}.png"))
 
 
 def test_noise_samples_are_far_and_all_ignore_masks_skip_label_fidelity(cli, encoder, real_as_synthetic, tmp_path):
@@ -122,12 +124,12 @@ def test_noise_samples_are_far_and_all_ignore_masks_skip_label_fidelity(cli, enc
   assert noisy["sfid"] > 1e6 * max(real_as_synthetic["sfid"], 1e-12)
   assert 0.0 <= noisy["label_fidelity_miou"] < real_as_synthetic["label_fidelity_miou"]
 
-  picture = os.path.join(workdir, "report", "sample_quality.png")
-  noisy_picture = open(picture, "rb").read()
+  assert os.path.isfile(os.path.join(workdir, "report", "sample_quality_noise.png"))
   image_only, _ = evaluate_samples(cli, workdir, str(tmp_path / "image_only"))
   assert image_only["label_fidelity_miou"] is None and image_only["label_fidelity"] is None
   assert image_only["fid"] < 1e-6  # the real train images again: only the masks differ
-  assert open(picture, "rb").read() == noisy_picture  # no label fidelity picture for a set without labels
+  # No label fidelity picture for a set without labels.
+  assert not os.path.exists(os.path.join(workdir, "report", "sample_quality_image_only.png"))
 
 
 def test_weights_id_changes_with_any_weight_and_names_are_file_safe():

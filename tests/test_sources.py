@@ -8,6 +8,9 @@ test_prepare.py reuses them.
 from __future__ import annotations
 
 import pathlib
+import struct
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -15,8 +18,8 @@ import tifffile
 from PIL import Image
 
 from conftest import load_config
-from satsynth_jax.data import sources
-from satsynth_jax.data.sources import SourceError, demo, folder, isaid, loveda, openearthmap
+from satsynth_jax.data.sources import demo, folder, isaid, loveda, openearthmap, scenes as scene_io
+from satsynth_jax.data.sources.scenes import SourceError
 
 ISAID_PALETTE = np.asarray(load_config("isaid").data.palette, np.uint8)
 Expected = dict[str, tuple[np.ndarray, np.ndarray]]
@@ -97,7 +100,7 @@ def test_isaid_finds_color_masks_and_skips_instance_id_masks(tmp_path):
 def test_isaid_rgb_masks_decode_to_palette_indices(tmp_path):
   expected = write_isaid(tmp_path, {"val": {"P0003": (12, 9)}})
   (scene,) = isaid.find_scenes(tmp_path, data_config("isaid")).scenes
-  image, mask = sources.load_scene(scene, data_config("isaid"))
+  image, mask = scene_io.load_scene(scene, data_config("isaid"))
   np.testing.assert_array_equal(image, expected["P0003"][0])
   np.testing.assert_array_equal(mask, expected["P0003"][1])
   assert mask.dtype == np.uint8
@@ -106,8 +109,8 @@ def test_isaid_rgb_masks_decode_to_palette_indices(tmp_path):
 def test_rgb_decoding_is_blockwise_exact(monkeypatch):
   rng = np.random.default_rng(1)
   classes = rng.integers(0, 16, (37, 11))
-  monkeypatch.setattr(sources, "RGB_BLOCK_PIXELS", 30)  # ~3 rows per block: many blocks, a ragged last one
-  decoded = sources.rgb_to_classes(ISAID_PALETTE[classes], palette=ISAID_PALETTE, ignore_index=255,
+  monkeypatch.setattr(scene_io, "RGB_BLOCK_PIXELS", 30)  # ~3 rows per block: many blocks, a ragged last one
+  decoded = scene_io.rgb_to_classes(ISAID_PALETTE[classes], palette=ISAID_PALETTE, ignore_index=255,
                                    path=pathlib.Path("m.png"))
   np.testing.assert_array_equal(decoded, classes)
 
@@ -120,7 +123,7 @@ def test_unknown_rgb_colour_names_file_colour_and_count(tmp_path):
   save(mask_path, rgb)
   (scene,) = isaid.find_scenes(tmp_path, data_config("isaid")).scenes
   with pytest.raises(SourceError) as error:
-    sources.load_scene(scene, data_config("isaid"))
+    scene_io.load_scene(scene, data_config("isaid"))
   assert str(mask_path) in str(error.value)
   assert "(1, 2, 3): 6 px" in str(error.value)
 
@@ -130,7 +133,7 @@ def test_size_mismatch_names_both_files_and_sizes(tmp_path):
   image_path = save(tmp_path / "train/images/P0001.png", np.zeros((10, 13, 3), np.uint8))
   (scene,) = isaid.find_scenes(tmp_path, data_config("isaid")).scenes
   with pytest.raises(SourceError) as error:
-    sources.load_scene(scene, data_config("isaid"))
+    scene_io.load_scene(scene, data_config("isaid"))
   message = str(error.value)
   assert f"image {image_path} is 13x10" in message
   assert f"mask {scene.mask_path} is 12x10" in message
@@ -144,7 +147,7 @@ def test_loveda_maps_raw_labels_and_lists_missing_domains(tmp_path):
       ("train", "rural_3"), ("train", "rural_4"), ("val", "urban_2600")]
   assert inventory.missing == ("LoveDA Train/Urban", "LoveDA Val/Rural")
   for scene in inventory.scenes:
-    image, mask = sources.load_scene(scene, data)
+    image, mask = scene_io.load_scene(scene, data)
     np.testing.assert_array_equal(image, expected[scene.scene_id][0])
     np.testing.assert_array_equal(mask, expected[scene.scene_id][1])
 
@@ -166,7 +169,7 @@ def test_out_of_range_class_values_name_file_and_values(tmp_path):
   save(mask_path, raw)
   (scene,) = loveda.find_scenes(tmp_path, data_config("loveda")).scenes
   with pytest.raises(SourceError) as error:
-    sources.load_scene(scene, data_config("loveda"))
+    scene_io.load_scene(scene, data_config("loveda"))
   message = str(error.value)
   assert str(mask_path) in message
   assert "9: 4 px, 200: 1 px" in message
@@ -183,7 +186,7 @@ def test_openearthmap_reads_geotiffs_by_split_list(tmp_path):
   assert inventory.missing == (
       "OpenEarthMap val: 1 listed file(s) without both image and label (chiclayo_3.tif)",)
   for scene in inventory.scenes:
-    image, mask = sources.load_scene(scene, data)
+    image, mask = scene_io.load_scene(scene, data)
     np.testing.assert_array_equal(image, expected[scene.scene_id][0])
     np.testing.assert_array_equal(mask, expected[scene.scene_id][1])
 
@@ -192,24 +195,96 @@ def test_band_sequential_tiff_is_read_as_rgb(tmp_path):
   image = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
   path = tmp_path / "planar.tif"
   tifffile.imwrite(path, np.moveaxis(image, -1, 0), photometric="rgb", planarconfig="separate")
-  np.testing.assert_array_equal(sources.read_image(path), image)
+  np.testing.assert_array_equal(scene_io.read_image(path), image)
 
 
 def test_images_are_brought_to_rgb_and_high_bit_depth_is_refused(tmp_path):
   grey = np.arange(12, dtype=np.uint8).reshape(3, 4)
-  np.testing.assert_array_equal(sources.read_image(save(tmp_path / "g.png", grey)), np.stack([grey] * 3, -1))
+  np.testing.assert_array_equal(scene_io.read_image(save(tmp_path / "g.png", grey)), np.stack([grey] * 3, -1))
   rgba = np.random.default_rng(0).integers(0, 256, (3, 4, 4), dtype=np.uint8)
-  np.testing.assert_array_equal(sources.read_image(save(tmp_path / "a.png", rgba)), rgba[..., :3])
+  np.testing.assert_array_equal(scene_io.read_image(save(tmp_path / "a.png", rgba)), rgba[..., :3])
   deep = tmp_path / "deep.tif"
   tifffile.imwrite(deep, np.zeros((3, 4, 3), np.uint16))
   with pytest.raises(SourceError, match=r"deep\.tif: image has dtype uint16"):
-    sources.read_image(deep)
+    scene_io.read_image(deep)
+
+
+def declare_tiff_size(path: pathlib.Path, width: int, height: int) -> pathlib.Path:
+  """Rewrite a little-endian TIFF's ImageWidth/ImageLength tags (as LONGs); the pixel data stays tiny."""
+  data = bytearray(path.read_bytes())
+  assert data[:4] == b"II*\0"
+  (ifd,) = struct.unpack_from("<I", data, 4)
+  (count,) = struct.unpack_from("<H", data, ifd)
+  for entry in range(ifd + 2, ifd + 2 + 12 * count, 12):
+    (tag,) = struct.unpack_from("<H", data, entry)
+    if tag in (256, 257):  # ImageWidth, ImageLength
+      struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
+  path.write_bytes(bytes(data))
+  return path
+
+
+def declare_png_size(path: pathlib.Path, width: int, height: int) -> pathlib.Path:
+  """Rewrite a PNG's IHDR width/height (with a valid CRC); the pixel data stays tiny."""
+  data = bytearray(path.read_bytes())
+  assert data[12:16] == b"IHDR"
+  struct.pack_into(">II", data, 16, width, height)
+  struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+  path.write_bytes(bytes(data))
+  return path
+
+
+def test_tiff_declaring_a_huge_size_is_refused_from_its_header_without_allocating(tmp_path):
+  path = tmp_path / "bomb.tif"
+  tifffile.imwrite(path, np.zeros((4, 4), np.uint8), metadata=None)
+  declare_tiff_size(path, 100_000, 100_000)  # 1e10 px: ~9.3 GiB as uint8, 28 GiB as RGB
+  tracemalloc.start()
+  try:
+    for read in (scene_io.read_image, scene_io.read_index_mask, scene_io.read_rgb_mask, scene_io.image_size):
+      with pytest.raises(SourceError) as error:
+        read(path)
+      message = str(error.value)
+      assert str(path) in message and "100000x100000 px" in message
+      assert f"limit of {Image.MAX_IMAGE_PIXELS} pixels" in message
+      assert "config.data.max_image_pixels to at least 10000000000" in message
+    assert tracemalloc.get_traced_memory()[1] < 50 * 2**20
+  finally:
+    tracemalloc.stop()
+
+
+def test_png_declaring_a_huge_size_is_refused_with_the_same_message(tmp_path):
+  path = declare_png_size(save(tmp_path / "bomb.png", np.zeros((4, 4, 3), np.uint8)), 100_000, 100_000)
+  with pytest.raises(SourceError, match=r"bomb\.png: header declares 100000x100000 px .*max_image_pixels"):
+    scene_io.read_image(path)
+  assert Image.MAX_IMAGE_PIXELS == 5 * 10**8  # Pillow's own guard, lifted for the header, is back
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_max_image_pixels_raises_pillows_limit_for_every_format(tmp_path, monkeypatch, suffix):
+  image = np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8)  # 600 px
+  path = save(tmp_path / f"scene{suffix}", image)
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 600 px is even over Pillow's 2x hard limit
+  with pytest.raises(SourceError, match=r"20x30 px \(600 pixels\), over the limit of 100 pixels"):
+    scene_io.read_image(path)
+  np.testing.assert_array_equal(scene_io.read_image(path, max_pixels=600), image)
+  assert scene_io.image_size(path, max_pixels=600) == (30, 20)
+  with pytest.raises(SourceError, match="over the limit of 599 pixels"):
+    scene_io.read_image(path, max_pixels=599)
+
+
+def test_load_scene_reads_the_limit_from_the_config(tmp_path):
+  expected = write_isaid(tmp_path, {"train": {"P0001": (12, 10)}})
+  (scene,) = isaid.find_scenes(tmp_path, data_config("isaid")).scenes
+  with pytest.raises(SourceError, match=r"P0001\.png: header declares 10x12 px"):
+    scene_io.load_scene(scene, data_config("isaid", max_image_pixels=100))
+  image, _ = scene_io.load_scene(scene, data_config("isaid", max_image_pixels=120))
+  np.testing.assert_array_equal(image, expected["P0001"][0])
+  assert scene_io.scene_size(scene, data_config("isaid")) == (12, 10)
 
 
 def test_colour_mask_in_index_mode_says_to_switch_mask_format(tmp_path):
   path = save(tmp_path / "m.png", np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(SourceError, match=r"m\.png: index mask .*config\.data\.mask_format='rgb'"):
-    sources.read_index_mask(path)
+    scene_io.read_index_mask(path)
 
 
 def test_folder_flat_and_split_layouts(tmp_path):
@@ -235,7 +310,7 @@ def test_folder_flat_and_split_layouts(tmp_path):
 
 def test_index_mapping_ignores_listed_values_and_keeps_ignore_index():
   raw = np.array([[0, 1, 2], [3, 255, 0]], np.uint8)
-  mapped = sources.index_to_classes(raw, label_offset=0, ignore_raw_values=(3,), num_classes=3,
+  mapped = scene_io.index_to_classes(raw, label_offset=0, ignore_raw_values=(3,), num_classes=3,
                                     ignore_index=255, path=pathlib.Path("m.png"))
   np.testing.assert_array_equal(mapped, [[0, 1, 2], [255, 255, 0]])
 
@@ -277,5 +352,5 @@ def test_demo_write_source_lays_out_folder_pairs(tmp_path):
   inventory = folder.find_scenes(root, config.data)
   assert [s.split for s in inventory.scenes].count("train") == 3
   assert [s.split for s in inventory.scenes].count("val") == 2  # a quarter, but at least 2
-  image, mask = sources.load_scene(inventory.scenes[0], config.data)
+  image, mask = scene_io.load_scene(inventory.scenes[0], config.data)
   assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and mask.max() < demo.NUM_CLASSES

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from satsynth_jax import checkpoint, labels, parallel
+from satsynth_jax import config_check, generator, labels, parallel, workdir as layout
 from satsynth_jax.config_check import ConfigError
 from satsynth_jax.data import prepare
-from satsynth_jax.diffusion import schedule
+from satsynth_jax.diffusion import conditioning, schedule
 from satsynth_jax.train import loop
 from satsynth_jax.train import super_resolution as sr
 
@@ -38,8 +38,8 @@ def _random_pair(size, seed, num_classes=K):
 
 
 def _example(image, mask, factor, encoding="bits"):
-  return sr.sr_example({"image": image, "mask": mask}, factor=factor, num_classes=K, encoding=encoding,
-                       ignore_index=255, fill_class=0)
+  return conditioning.training_pair({"image": image, "mask": mask}, factor=factor, num_classes=K, encoding=encoding,
+                       ignore_index=255, no_data_code=False, fill_class=0)
 
 
 # ---- conditioning ----
@@ -63,7 +63,7 @@ def test_condition_labels_are_exactly_pm1_and_decode_to_the_nearest_downsampled_
 
 def test_condition_image_is_area_downsampled_then_bilinear_upsampled():
   image, mask = _random_pair(16, seed=0)
-  low = sr.downsample_joint(_example(image, mask, 2)["x"], 2)
+  low = conditioning.downsample_joint(_example(image, mask, 2)["x"], 2)
   block_mean = image.astype(np.float64).reshape(8, 2, 8, 2, 3).mean(axis=(1, 3))
   np.testing.assert_allclose(labels.from_signed(low[..., :3]) * 255.0, block_mean, atol=1e-3)
   cond = _example(image, mask, 2)["cond"]
@@ -75,8 +75,8 @@ def test_numpy_and_jitted_conditioning_are_identical():
   # Training builds the condition in grain (NumPy); the cascade sampler in jit (JAX).
   rng = np.random.default_rng(1)
   low = rng.uniform(-1, 1, (2, 8, 8, 6)).astype(np.float32)
-  from_numpy = sr.upsample_condition(low, 2, K, "bits")
-  from_jax = jax.jit(lambda x: sr.upsample_condition(x, 2, K, "bits"))(jnp.asarray(low))
+  from_numpy = conditioning.upsample_condition(low, 2, K, "bits")
+  from_jax = jax.jit(lambda x: conditioning.upsample_condition(x, 2, K, "bits"))(jnp.asarray(low))
   assert isinstance(from_numpy, np.ndarray)
   np.testing.assert_allclose(from_jax, from_numpy, atol=1e-6)
 
@@ -86,7 +86,7 @@ def test_generated_labels_are_snapped_to_valid_classes():
   rng = np.random.default_rng(2)
   low = rng.uniform(-1, 1, (4, 4, 6)).astype(np.float32)
   low[0, 0, 3:] = [1.0, 1.0, 1.0]  # code 7: nearest valid code is 3 or 5
-  cond = sr.upsample_condition(low, 2, K, "bits")
+  cond = conditioning.upsample_condition(low, 2, K, "bits")
   assert set(np.unique(cond[..., 3:])) <= {-1.0, 1.0}
   classes = labels.decode(labels.from_signed(cond[..., 3:]), K, "bits")
   assert classes.max() < K
@@ -96,11 +96,11 @@ def test_generated_labels_are_snapped_to_valid_classes():
 
 def test_bad_scale_factors_name_the_keys():
   not_a_multiple = load_config("demo", **(TINY | {"sr.image_size": 20}))
-  with pytest.raises(ConfigError, match=r"sr.image_size=20: must be a multiple \(>= 2x\) of config.data.image_size=8"):
-    sr.scale_factor(not_a_multiple)
+  with pytest.raises(ConfigError, match=r"sr.image_size=20: must be a multiple \(>= 2x\) of data.image_size=8"):
+    config_check.validate(not_a_multiple, mode="train_sr")
   too_deep = load_config("demo", **(TINY | {"sr.model.ch_mult": (1,) * 7}))
   with pytest.raises(ConfigError, match=r"sr.image_size=16: .* halves it 6 times .* a multiple of 64"):
-    sr.make_model(too_deep)
+    config_check.validate(too_deep, mode="train_sr")
 
 
 # ---- model, step and training on demo records ----
@@ -135,8 +135,8 @@ def test_sr_batches_pair_each_patch_with_its_low_res_condition(task):
   config, _, t = task
   batch = next(t.make_batches())
   assert batch["x"].shape == batch["cond"].shape == (4, 16, 16, 6)
-  low = sr.downsample_joint(batch["x"], 2)
-  np.testing.assert_allclose(batch["cond"], sr.upsample_condition(low, 2, K, "bits"), atol=1e-6)
+  low = conditioning.downsample_joint(batch["x"], 2)
+  np.testing.assert_allclose(batch["cond"], conditioning.upsample_condition(low, 2, K, "bits"), atol=1e-6)
   assert np.abs(batch["x"]).max() <= 1.0
 
 
@@ -148,7 +148,7 @@ def overfit(task):
   init = jax.jit(t.init, out_shardings=replicated)
   step = jax.jit(t.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
                  donate_argnums=0)
-  model = sr.make_model(config)
+  model = generator.build_sr(config)
   sched = schedule.linear_schedule(config.diffusion.timesteps)
   batch = parallel.to_global(next(t.make_batches()), mesh)
 
@@ -208,9 +208,9 @@ def cli_workdir(prepared):
 
 
 def test_cli_trains_checkpoints_and_writes_a_preview(cli_workdir):
-  assert os.listdir(checkpoint.checkpoint_dir(cli_workdir, sr.MODEL_NAME)) == ["2"]
-  assert os.path.exists(os.path.join(cli_workdir, "samples", "super_resolution_step00000002.png"))
-  lines = open(os.path.join(cli_workdir, "metrics", "super_resolution.jsonl")).read().splitlines()
+  assert sorted(os.listdir(layout.checkpoint_dir(cli_workdir, "super_resolution_x0"))) == ["2", "config.json"]
+  assert os.path.exists(os.path.join(cli_workdir, "samples", "super_resolution_x0_step00000002.png"))
+  lines = open(os.path.join(cli_workdir, "metrics", "super_resolution_x0.jsonl")).read().splitlines()
   assert len(lines) == 2 and '"loss_label"' in lines[0]
 
 
@@ -236,12 +236,12 @@ def test_resume_gives_the_same_params_as_an_uninterrupted_run(four_steps):
 def test_restored_checkpoint_upsamples_low_res_pairs(task, four_steps):
   config, mesh, _ = task
   _, fresh, workdir = four_steps
-  model, params, step = sr.restore_sr_params(config, workdir, mesh, step=-1)
+  _, model, params, step = generator.restore_sr(config, workdir, mesh, step=-1)
   assert step == 4
   for a, b in zip(jax.tree.leaves(parallel.to_host(params)), jax.tree.leaves(parallel.to_host(fresh.ema_params))):
     np.testing.assert_array_equal(a, b)
   low = np.random.default_rng(3).uniform(-1, 1, (4, 8, 8, 6)).astype(np.float32)
-  upsample = sr.make_upsample_fn(config, model, mesh, 4, sampler="ddim", ddim_steps=2)
+  upsample = generator.make_upsample_fn(config, model, mesh, 4, sampler="ddim", ddim_steps=2)
   with jax.set_mesh(mesh):
     out = upsample(params, jax.random.key(0), low)
   assert out.shape == (4, 16, 16, 6) and out.sharding.is_equivalent_to(parallel.batch_sharding(mesh), 4)

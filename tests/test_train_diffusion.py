@@ -9,31 +9,32 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from satsynth_jax import parallel, sample
+from satsynth_jax import generator, identity, parallel, sample, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, super_resolution
 
 TINY = {
-    "model.ch": 32, "model.ch_mult": (1, 2), "model.num_res_blocks": 1, "model.attn_resolutions": (8,),
+    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1, 2), "diffusion.model.num_res_blocks": 1, "diffusion.model.attn_resolutions": (8,),
     "diffusion.timesteps": 50, "data.image_size": 16, "data.patch_size": 32, "data.demo_num_scenes": 2,
-    "data.demo_scene_size": 64, "train.batch_size": 8, "train.num_steps": 4, "train.warmup_steps": 2,
-    "train.log_every": 2, "train.checkpoint_every": 2, "train.sample_every": 4, "train.num_grid_samples": 4,
-    "train.grid_sampler_steps": 5, "sample.per_real": 2, "sample.sampler": "ddim", "sample.ddim_steps": 5,
+    "data.demo_scene_size": 64, "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 2,
+    "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2, "diffusion.train.sample_every": 4, "diffusion.train.num_grid_samples": 4,
+    "diffusion.train.grid_sampler_steps": 5, "sample.per_real": 2, "sample.sampler": "ddim", "sample.ddim_steps": 5,
     "sample.batch_size": 8, "sample.examples_per_shard": 8,
 }
 
 
 def test_sharded_step_equals_single_device_step():
   config = load_config("demo", **TINY)
-  model = diffusion.make_model(config)
-  sched = diffusion.make_schedule(config)
-  _, lr = diffusion.optim.make_optimizer(config.train)
+  model = generator.build_g(config)
+  sched = generator.make_schedule(config)
+  _, lr = diffusion.optim.make_optimizer(config.diffusion.train)
   batch = {"x": np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 6)).astype(np.float32)}
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     rep, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.jit(lambda r: diffusion.init_state(config, model, r), out_shardings=rep)(jax.random.key(0))
+    state = jax.jit(lambda r: diffusion.init_state(model, 16, 6, config.diffusion.train, r),
+                    out_shardings=rep)(jax.random.key(0))
     step = jax.jit(lambda s, b: diffusion.train_step(s, b, model=model, sched=sched, prediction="eps",
                                                      lr_schedule=lr),
                    in_shardings=(rep, sharded), out_shardings=(rep, rep))
@@ -58,19 +59,19 @@ def trained(tmp_path_factory):
 
 def test_training_writes_checkpoints_metrics_and_a_sample_grid(trained):
   config, workdir = trained
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "diffusion"))) == ["2", "4"]
-  lines = open(os.path.join(workdir, "metrics", "diffusion.jsonl")).read().splitlines()
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "diffusion_x0"))) == ["2", "4", "config.json"]
+  lines = open(os.path.join(workdir, "metrics", "diffusion_x0.jsonl")).read().splitlines()
   assert len(lines) == 2 and '"loss_label"' in lines[0]
-  assert os.path.exists(os.path.join(workdir, "samples", "diffusion_step00000004.png"))
+  assert os.path.exists(os.path.join(workdir, "samples", "diffusion_x0_step00000004.png"))
 
 
 def test_sampling_writes_r_times_d_pairs_and_completes_after_interruption(trained):
   config, workdir = trained
   num_real = records.read_manifest(os.path.join(workdir, "data", "train"))["num_examples"]
   sample.run(config, workdir)
-  out = sample.synthetic_dir(workdir)
+  out = str(layout.synthetic_dir(workdir, "diffusion_x0"))
   manifest = records.read_manifest(out)
-  assert manifest["num_examples"] == 2 * num_real
+  assert manifest["num_examples"] == sample.pool_factor(config) * 2 * num_real
   assert manifest["source"] == "synthetic:4"
   source = records.PairSource(out)
   ids = [source[i]["id"] for i in range(len(source))]
@@ -89,7 +90,7 @@ def test_sampling_writes_r_times_d_pairs_and_completes_after_interruption(traine
   for path in (os.path.join(out, "manifest.json"), last, last + ".index"):
     os.remove(path)
   sample.run(config, workdir)
-  assert records.read_manifest(out)["num_examples"] == 2 * num_real
+  assert records.read_manifest(out)["num_examples"] == sample.pool_factor(config) * 2 * num_real
   assert os.stat(first).st_mtime_ns == first_mtime  # finished shards are kept, not redone
   assert open(last, "rb").read() == last_bytes  # the redone shard is the same draw
 
@@ -98,7 +99,7 @@ def test_sampling_refuses_a_directory_made_with_other_settings(trained):
   config, workdir = trained
   config = copy.deepcopy(config)
   config.sample.per_real = 3
-  with pytest.raises(ValueError, match=r"per_real: 2 -> 3"):
+  with pytest.raises(identity.SettingsMismatchError, match=r"per_real: 2 -> 3"):
     sample.run(config, workdir)
 
 
@@ -114,9 +115,10 @@ def test_cascade_sampling_writes_super_resolved_records_and_a_side_by_side_grid(
   cascade_workdir = workdir + "_cascade"
   shutil.copytree(workdir, cascade_workdir, ignore=shutil.ignore_patterns("synthetic*"))
   sample.run(config, cascade_workdir)
-  manifest = records.read_manifest(sample.synthetic_dir(cascade_workdir))
+  out = layout.synthetic_dir(cascade_workdir, "diffusion_x0_cascade")
+  manifest = records.read_manifest(out)
   assert manifest["super_resolution_step"] == 2 and manifest["image_size"] == 32
-  pair = records.PairSource(sample.synthetic_dir(cascade_workdir))[0]
+  pair = records.PairSource(out)[0]
   assert pair["image"].shape == (32, 32, 3) and pair["mask"].shape == (32, 32)
   assert os.path.exists(os.path.join(cascade_workdir, "samples", "cascade_grid.png"))
 
@@ -125,12 +127,34 @@ def test_image_only_baseline_trains_without_label_channels_and_writes_blank_mask
   config, workdir = trained
   config = copy.deepcopy(config)
   config.diffusion.joint_labels = False
-  config.train.num_steps = 2
+  config.diffusion.train.num_steps = 2
   config.sample.per_real = 1
   state = diffusion.run(config, workdir)
   assert state.params["conv_in"]["kernel"].shape[2] == 3  # RGB only
   sample.run(config, workdir)
-  out = sample.synthetic_dir(workdir, joint_labels=False)
-  assert out.endswith("synthetic_image_only")
+  out = layout.synthetic_dir(workdir, "diffusion_x0_image_only")
   pair = records.PairSource(out)[0]
   assert (pair["mask"] == config.data.ignore_index).all()
+
+
+def test_resuming_g_under_another_width_is_refused_naming_the_key(trained):
+  config, workdir = trained
+  wider = copy.deepcopy(config)
+  wider.diffusion.model.ch = 64
+  with pytest.raises(identity.SettingsMismatchError, match=r"diffusion\.model\.ch: 32 -> 64"):
+    diffusion.run(wider, workdir)
+
+
+def test_sampling_builds_g_from_its_recorded_config_without_the_training_overrides(trained, tmp_path):
+  config, workdir = trained
+  fresh = str(tmp_path / "fresh")
+  shutil.copytree(workdir, fresh, ignore=shutil.ignore_patterns("synthetic*"))
+  plain = load_config("demo", **{k: v for k, v in TINY.items() if not k.startswith("diffusion.model")})
+  assert tuple(plain.diffusion.model.ch_mult) != tuple(config.diffusion.model.ch_mult)
+  plain.sample.per_real = 1
+  sample.run(plain, fresh)
+  manifest = records.read_manifest(layout.synthetic_dir(fresh, "diffusion_x0"))
+  recorded = identity.read(layout.synthetic_dir(fresh, "diffusion_x0"))["shaping"]
+  num_real = records.read_manifest(os.path.join(fresh, "data", "train"))["num_examples"]
+  assert manifest["num_examples"] == sample.pool_factor(plain) * num_real
+  assert recorded["generator_settings"]["diffusion.model.ch_mult"] == [1, 2]  # the trained layout

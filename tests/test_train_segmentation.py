@@ -14,9 +14,10 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from safetensors.numpy import save_file
 
 from conftest import load_config, run_main
-from satsynth_jax import evaluate, parallel
+from satsynth_jax import evaluate, parallel, segmenter
 from satsynth_jax.data import prepare, records
 from satsynth_jax.metrics import segmentation as seg_metrics
 from satsynth_jax.models import resnet
@@ -29,7 +30,7 @@ from satsynth_jax.train import optim, segmentation
 TINY = {
     "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
     "data.augment": False, "data.read_threads": 2,
-    "segmentation.model": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+    "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
     "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 30, "segmentation.train.lr": 3e-3,
     "segmentation.train.schedule": "constant", "segmentation.train.warmup_steps": 0,
     "segmentation.train.log_every": 10, "segmentation.train.checkpoint_every": 15,
@@ -83,10 +84,17 @@ def copy_data(workdir, tmp_path) -> str:
   return str(tmp_path)
 
 
-def test_run_names_separate_models_and_ratios():
-  assert segmentation.run_name(load_config("demo")) == "fpn_r0"
-  assert segmentation.run_name(load_config("demo", **{"segmentation.model": "unet",
-                                                      "data.synthetic_ratio": 3})) == "unet_r3"
+def test_run_names_separate_architectures_ratios_and_seeds():
+  assert segmenter.Run.from_config(load_config("demo")).name == "fpn_r0_s0"
+  run = segmenter.Run.from_config(load_config("demo", **{"segmentation.architecture": "unet",
+                                                          "data.synthetic_ratio": 3, "seed": 2}))
+  assert run == segmenter.Run("unet_r3_diffusion_x0_s2", "unet", 3, 2, "diffusion_x0")
+
+
+def _model_and_state(config, rng=0):
+  model = segmenter.build(config, config.segmentation.architecture)
+  init = functools.partial(segmentation.init_state, model, config.data.image_size, config.segmentation.train)
+  return model, init
 
 
 def test_cross_entropy_and_accuracy_skip_no_data_pixels():
@@ -102,9 +110,9 @@ def test_cross_entropy_and_accuracy_skip_no_data_pixels():
 @pytest.mark.parametrize("head", ["fpn", "unet"])
 def test_train_step_traces_for_both_heads(head):
   """Shapes only (jax.eval_shape): the step's state keeps its structure and reports its metrics."""
-  config = load_config("demo", **{**TINY, "segmentation.model": head})
-  model = segmentation.make_model(config)
-  state = jax.eval_shape(lambda: segmentation.init_state(config, model, jax.random.key(0)))
+  config = load_config("demo", **{**TINY, "segmentation.architecture": head})
+  model, init = _model_and_state(config)
+  state = jax.eval_shape(lambda: init(jax.random.key(0)))
   batch = {"image": jax.ShapeDtypeStruct((4, SIZE, SIZE, 3), np.float32),
            "mask": jax.ShapeDtypeStruct((4, SIZE, SIZE), np.int32), "is_synthetic": jax.ShapeDtypeStruct((4,), bool)}
   _, lr = optim.make_optimizer(config.segmentation.train)
@@ -118,13 +126,13 @@ def test_train_step_traces_for_both_heads(head):
 def test_segmenter_overfits_the_demo_train_split(trained):
   config, workdir = trained
   mesh = parallel.make_mesh()
-  model, variables, step = segmentation.restore_variables(config, workdir, mesh)
+  model, variables, step = segmenter.restore(config, workdir, segmenter.Run.from_config(config), mesh)
   result = evaluate.evaluate_split(config, model, variables, os.path.join(workdir, "data", "train"), mesh)
   scores = seg_metrics.segmentation_scores(result.confusion, config.data.class_names)
   assert step == 30 and result.num_examples == NUM_TRAIN
   assert result.confusion.sum() == NUM_TRAIN * SIZE * SIZE
   assert scores["miou"] > 0.9, scores
-  log = [json.loads(line) for line in open(os.path.join(workdir, "metrics", "unet_r0.jsonl"))]
+  log = [json.loads(line) for line in open(os.path.join(workdir, "metrics", "unet_r0_s0.jsonl"))]
   assert [entry["step"] for entry in log] == [10, 15, 20, 30]  # log_every and checkpoint steps
   assert log[-1]["loss"] < log[0]["loss"] / 3
   assert all(entry["synthetic_fraction"] == 0.0 for entry in log)
@@ -132,15 +140,24 @@ def test_segmenter_overfits_the_demo_train_split(trained):
 
 def test_only_the_first_r_times_d_synthetic_pairs_join_training(trained, synthetic_dir):
   config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 2)})
-  _, synth_dir, count = segmentation.training_data(config, trained[1])
+  synth_dir, count, _ = segmentation.synthetic_source(config, trained[1], 2, synthetic_dir)
   assert (synth_dir, count) == (synthetic_dir, 2 * NUM_TRAIN)
-  batches = segmentation.make_task(config, trained[1], parallel.make_mesh()).make_batches()
+  run = segmenter.Run.from_config(config)
+  batches = segmentation.make_task(config, trained[1], parallel.make_mesh(), run, synthetic_dir).make_batches()
   seen = []
   for _ in range(12):
     batch = next(batches)
     assert batch["is_synthetic"].sum() == 2  # synthetic_fraction 0.5 of every batch of 4
     seen += [round(image[0, 0, 0] * 255) - 100 for image in batch["image"][batch["is_synthetic"]]]
   assert set(seen) == set(range(2 * NUM_TRAIN))  # 12 on disk; pairs 8..11 are never drawn
+
+
+def test_synthetic_pairs_of_another_size_are_refused_unless_resizing_is_asked_for(trained, synthetic_dir):
+  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 2), "segmentation.image_size": 32})
+  with pytest.raises(segmentation.SyntheticSizeError, match=r"pairs are 16x16 px but the segmenter's input is 32 px"):
+    segmentation.synthetic_source(config, trained[1], 2, synthetic_dir)
+  config.segmentation.resize_synthetic = True
+  assert segmentation.synthetic_source(config, trained[1], 2, synthetic_dir)[1] == 2 * NUM_TRAIN
 
 
 def test_asking_for_more_synthetic_pairs_than_exist_fails_before_training(trained, synthetic_dir, tmp_path):
@@ -159,10 +176,12 @@ def test_resumed_mixed_run_equals_uninterrupted_run(cli, trained, synthetic_dir,
   cli("train_segmentation", straight, overrides)
   resumed = tmp_path / "resumed"
   shutil.copytree(straight, resumed)
-  shutil.rmtree(resumed / "checkpoints" / "unet_r2" / "4")  # as if stopped right after step 2
-  cli("train_segmentation", resumed, overrides)
   config, mesh = load_config("demo", **{**TINY, **overrides}), parallel.make_mesh()
-  (_, expected, step_a), (_, actual, step_b) = (segmentation.restore_variables(config, w, mesh)
+  run = segmenter.Run.from_config(config)
+  assert run.name == f"unet_r2_{os.path.basename(synthetic_dir)}_s0"
+  shutil.rmtree(resumed / "checkpoints" / run.name / "4")  # as if stopped right after step 2
+  cli("train_segmentation", resumed, overrides)
+  (_, expected, step_a), (_, actual, step_b) = (segmenter.restore(config, w, run, mesh)
                                                 for w in (straight, resumed))
   assert step_a == step_b == 4
   expected = traverse_util.flatten_dict(parallel.to_host(expected))
@@ -170,11 +189,12 @@ def test_resumed_mixed_run_equals_uninterrupted_run(cli, trained, synthetic_dir,
   assert expected.keys() == actual.keys() and any(path[0] == "batch_stats" for path in expected)
   for path, value in expected.items():
     np.testing.assert_array_equal(value, actual[path], err_msg="/".join(path))
-  log = [json.loads(line) for line in open(os.path.join(straight, "metrics", "unet_r2.jsonl"))]
+  log = [json.loads(line) for line in open(os.path.join(straight, "metrics", f"{run.name}.jsonl"))]
   assert [entry["synthetic_fraction"] for entry in log] == [0.5] * 4
-  resumed_log = [json.loads(line) for line in open(resumed / "metrics" / "unet_r2.jsonl")]
-  assert [entry["step"] for entry in resumed_log] == [1, 2, 3, 4, 3, 4]  # the copied log, then the replay
-  assert resumed_log[-2:] == log[-2:]
+  resumed_log = [json.loads(line) for line in open(resumed / "metrics" / f"{run.name}.jsonl")]
+  # The copied log's steps past the restored checkpoint are dropped, so the resumed log reads as one run.
+  assert [entry["step"] for entry in resumed_log] == [1, 2, 3, 4]
+  assert resumed_log == log
 
 
 def random_variables(model, size: int, seed: int) -> dict:
@@ -193,12 +213,13 @@ def random_variables(model, size: int, seed: int) -> dict:
 def test_pretrained_backbone_replaces_the_random_one(tmp_path, monkeypatch):
   config = load_config("demo", **TINY)
   weights = random_variables(resnet.ResNet((1, 1, 1, 1)), SIZE, seed=7)
-  path = tmp_path / "resnet.npz"
-  resnet.export_torchvision_npz(weights["params"], weights["batch_stats"], path)
+  path = tmp_path / "resnet.safetensors"
+  save_file(resnet.torchvision_state_dict(weights["params"], weights["batch_stats"]), str(path))
   config.segmentation.pretrained_path = str(path)
-  model = segmentation.make_model(config)
-  monkeypatch.setattr(segmentation, "_init_variables", lambda config, model, rng: random_variables(model, SIZE, 0))
-  state = segmentation.init_state(config, model, jax.random.key(0), backbone=segmentation.load_backbone(config, model))
+  model = segmenter.build(config, config.segmentation.architecture)
+  monkeypatch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, SIZE, 0))
+  state = segmentation.init_state(model, SIZE, config.segmentation.train, jax.random.key(0),
+                                  backbone=segmentation.load_backbone(config, model))
   for ours, theirs in ((state.params["backbone"], weights["params"]),
                        (state.batch_stats["backbone"], weights["batch_stats"])):
     assert jax.tree.structure(ours) == jax.tree.structure(theirs)
@@ -210,26 +231,27 @@ def test_pretrained_backbone_replaces_the_random_one(tmp_path, monkeypatch):
 
 
 def test_missing_pretrained_file_is_named(tmp_path):
-  missing = str(tmp_path / "nope.npz")
+  missing = str(tmp_path / "nope.safetensors")
   config = load_config("demo", **{**TINY, "segmentation.pretrained_path": missing})
-  with pytest.raises(resnet.PretrainedWeightsError, match=rf"segmentation.pretrained_path='{missing}': no such file"):
-    segmentation.load_backbone(config, segmentation.make_model(config))
+  with pytest.raises(resnet.PretrainedWeightsError,
+                     match=rf"segmentation.pretrained_path: {missing}: no such pretrained weights file"):
+    segmentation.load_backbone(config, segmenter.build(config, "unet"))
 
 
 def test_cli_evaluates_the_trained_run(cli, trained):
   config, workdir = trained
   stdout = cli("evaluate", workdir)
-  summary = json.loads(open(os.path.join(workdir, "metrics", "eval_unet_r0.json")).read())
+  summary = json.loads(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")).read())
   assert summary["checkpoint_step"] == 30 and summary["num_examples"] == 8
-  assert os.path.exists(os.path.join(workdir, "report", "eval_unet_r0.png"))
-  table = stdout[stdout.index("evaluate unet_r0"):].splitlines()
+  assert os.path.exists(os.path.join(workdir, "report", "eval_unet_r0_s0.png"))
+  table = stdout[stdout.index("evaluate unet_r0_s0"):].splitlines()
   assert [line.split()[0] for line in table[2:2 + len(config.data.class_names)]] == list(config.data.class_names)
 
 
 def test_batchnorm_statistics_and_params_match_across_device_counts():
   """Under jit over the mesh BatchNorm sees the global batch: 4 devices give 1 device's step."""
   config = load_config("demo", **TINY)
-  model = segmentation.make_model(config)
+  model, init = _model_and_state(config)
   _, lr = optim.make_optimizer(config.segmentation.train)
   rng = np.random.default_rng(0)
   batch = {"image": rng.uniform(0, 1, (8, SIZE, SIZE, 3)).astype(np.float32),
@@ -238,7 +260,7 @@ def test_batchnorm_statistics_and_params_match_across_device_counts():
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     rep, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.jit(functools.partial(segmentation.init_state, config, model), out_shardings=rep)(jax.random.key(0))
+    state = jax.jit(init, out_shardings=rep)(jax.random.key(0))
     step = jax.jit(functools.partial(segmentation.train_step, model=model, ignore_index=255, lr_schedule=lr),
                    in_shardings=(rep, sharded), out_shardings=(rep, rep))
     with jax.set_mesh(mesh):

@@ -15,10 +15,11 @@ paths or bucket URLs such as gs://bucket/records/train, read through records.as_
       paper, which keeps real and synthetic balanced.
   diffusion_batches(config, record_dir, *, batch_size, seed, ...) -> grain.IterDataset
       Endless {"x": float32[B, S, S, 3 + C] in [-1, 1]}: the image and the label code
-      (labels.encode_pair, data.label_encoding); no-data pixels become data.ignore_fill_class.
+      (labels.encode_real_pair, data.label_encoding); no-data pixels get their own code
+      (data.no_data_code) or become data.ignore_fill_class.
   segmentation_batches(config, real_dir, synthetic_dir=None, *, batch_size, seed, train,
                        synthetic_fraction=0.5, synthetic_count=None, ...) -> grain.IterDataset
-      {"image": float32[B, S, S, 3] in [0, 1], "mask": int32[B, S, S] (data.ignore_index kept),
+      At S = segmentation.image_size: {"image": float32[B, S, S, 3] in [0, 1], "mask": int32[B, S, S] (data.ignore_index kept),
       "is_synthetic": bool[B]}. train: endless, real mixed with synthetic_dir (if any; only its
       first synthetic_count pairs when given). eval: one ordered pass
       over real_dir plus "valid": bool[B]; the last batch is padded (valid=False, mask all
@@ -57,8 +58,13 @@ from PIL import Image
 
 from satsynth_jax import labels
 from satsynth_jax.data import records
+from satsynth_jax.errors import SatSynthError
 
 Example = dict[str, Any]
+
+
+class PipelineError(SatSynthError, ValueError):
+  """Records that cannot feed this config (classes, sizes, counts); the message names the folder."""
 
 # Seed streams, so the real and synthetic pipelines never share a permutation.
 _REAL_STREAM, _SYNTHETIC_STREAM = 0, 1
@@ -72,20 +78,22 @@ def pairs(
     train: bool,
     process_index: int | None = None,
     process_count: int | None = None,
+    size: int | None = None,
 ) -> grain.MapDataset:
-  """Decoded pairs of this process at model size; endless and augmented when `train`."""
+  """Decoded pairs of this process at `size` (default data.image_size); endless and augmented when `train`."""
   process_index, process_count = _process_shard(process_index, process_count)
   d = config.data
+  size = size or d.image_size
   ds = grain.MapDataset.source(source)
   if len(ds) == 0:
-    raise ValueError(f"{source!r} holds no examples")
+    raise PipelineError(f"{source!r} holds no examples")
   if train:
-    view = functools.partial(_train_view, size=d.image_size, mode=d.resize, augment=d.augment)
+    view = functools.partial(_train_view, size=size, mode=d.resize, augment=d.augment)
     # Augment before slicing: each element's generator is seeded by its *global* index, so
     # processes with the same seed do not draw identical flips and crops.
     ds = ds.seed(seed).shuffle().repeat().random_map(view)
   else:
-    ds = ds.map(functools.partial(_eval_view, size=d.image_size, mode=d.resize))
+    ds = ds.map(functools.partial(_eval_view, size=size, mode=d.resize))
   return ds[process_index::process_count]
 
 
@@ -117,10 +125,11 @@ def diffusion_batches(
 ) -> grain.IterDataset:
   """Endless training batches {"x": float32[B, S, S, 3 + C] in [-1, 1]} for the diffusion model."""
   d = config.data
-  ds = pairs(_open(record_dir, config), config, seed=seed, train=True,
+  ds = pairs(open_records(record_dir, config), config, seed=seed, train=True,
              process_index=process_index, process_count=process_count)
   ds = ds.map(functools.partial(_diffusion_example, num_classes=d.num_classes, encoding=d.label_encoding,
-                                ignore_index=d.ignore_index, fill_class=d.ignore_fill_class))
+                                ignore_index=d.ignore_index, no_data_code=d.no_data_code,
+                                fill_class=d.ignore_fill_class))
   return _batched(ds, config, batch_size)
 
 
@@ -139,28 +148,31 @@ def segmentation_batches(
 ) -> grain.IterDataset:
   """Segmenter batches: endless real + synthetic mix (train) or one padded pass over real_dir (eval).
 
-  Without a synthetic_dir training reads real data only (the paper's "D" baseline).
+  Without a synthetic_dir training reads real data only (the paper's "D" baseline). Pairs
+  reach the segmenter at segmentation.image_size.
   """
   process_index, process_count = _process_shard(process_index, process_count)
   shard = dict(process_index=process_index, process_count=process_count)
-  real = _open(real_dir, config)
+  size = segmentation_size(config)
+  real = open_records(real_dir, config)
   if not train:
     if synthetic_dir is not None:
       raise ValueError(f"evaluation reads real data only; got synthetic_dir={synthetic_dir!s}")
-    ds = pairs(real, config, seed=seed, train=False, **shard)
+    ds = pairs(real, config, seed=seed, train=False, size=size, **shard)
     ds = ds.map(functools.partial(_tag, is_synthetic=False)).map(_segmentation_example)
     return _batched(_pad_to_full_batches(ds, config, batch_size, len(real), process_count), config, batch_size)
 
-  real_ds = pairs(real, config, seed=_stream_seed(seed, _REAL_STREAM), train=True, **shard)
+  real_ds = pairs(real, config, seed=_stream_seed(seed, _REAL_STREAM), train=True, size=size, **shard)
   if synthetic_dir is None:
     ds = real_ds.map(functools.partial(_tag, is_synthetic=False))
   else:
-    synthetic = _open(synthetic_dir, config)
+    synthetic = open_records(synthetic_dir, config)
     if synthetic_count is not None:  # a prefix: a run asking for fewer pairs uses a subset of the same ones
       if not 0 < synthetic_count <= len(synthetic):
-        raise ValueError(f"synthetic_count={synthetic_count}: {synthetic_dir} holds {len(synthetic)} pairs")
+        raise PipelineError(f"synthetic_count={synthetic_count}: {synthetic_dir} holds {len(synthetic)} pairs")
       synthetic = grain.MapDataset.source(synthetic)[:synthetic_count]
-    synthetic_ds = pairs(synthetic, config, seed=_stream_seed(seed, _SYNTHETIC_STREAM), train=True, **shard)
+    synthetic_ds = pairs(synthetic, config, seed=_stream_seed(seed, _SYNTHETIC_STREAM), train=True, size=size,
+                         **shard)
     # Mixing after sharding keeps the ratio on every process (a strided slice of an
     # interleaved stream could hand one process only real and another only synthetic data).
     ds = mix(real_ds, synthetic_ds, synthetic_fraction)
@@ -191,7 +203,7 @@ def _fit(example: Example, size: int, mode: str, rng: np.random.Generator | None
   height, width = mask.shape
   if mode == "crop":
     if height < size or width < size:
-      raise ValueError(f"example {example['id']!r}: {height}x{width} pair is smaller than the "
+      raise PipelineError(f"example {example['id']!r}: {height}x{width} pair is smaller than the "
                        f"{size}x{size} crop (config.data.image_size)")
     if rng is None:
       top, left = (height - size) // 2, (width - size) // 2
@@ -222,10 +234,11 @@ def _tag(example: Example, *, is_synthetic: bool) -> Example:
   return {**example, "is_synthetic": is_synthetic}
 
 
-def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int,
+def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int, no_data_code: bool,
                        fill_class: int) -> Example:
-  mask = np.where(example["mask"] == ignore_index, fill_class, example["mask"])
-  return {"x": labels.encode_pair(example["image"], mask, num_classes, encoding).astype(np.float32, copy=False)}
+  joint = labels.encode_real_pair(example["image"], example["mask"], num_classes, encoding, ignore_index=ignore_index,
+                                  no_data_code=no_data_code, fill_class=fill_class)
+  return {"x": joint.astype(np.float32, copy=False)}
 
 
 def _segmentation_example(example: Example) -> Example:
@@ -239,16 +252,21 @@ def _segmentation_example(example: Example) -> Example:
 # ---- assembly helpers ----
 
 
-def _open(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> records.PairSource:
+def segmentation_size(config) -> int:
+  """The segmenter's input size: segmentation.image_size, or data.image_size when that is 0."""
+  return config.segmentation.image_size or config.data.image_size
+
+
+def open_records(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> records.PairSource:
   """The record directory's pairs, after checking they carry the classes the config expects."""
   source = records.PairSource(directory)
   d = config.data
   if source.num_classes != d.num_classes:
-    raise ValueError(f"{directory}: records have num_classes={source.num_classes}, "
+    raise PipelineError(f"{directory}: records have num_classes={source.num_classes}, "
                      f"but config.data.num_classes={d.num_classes}")
   # Records mark no-data with a value fixed by K; the model code knows only the config's.
   if records.ignore_value(d.num_classes) != d.ignore_index:
-    raise ValueError(f"{directory}: records mark no-data pixels with {records.ignore_value(d.num_classes)}, "
+    raise PipelineError(f"{directory}: records mark no-data pixels with {records.ignore_value(d.num_classes)}, "
                      f"but config.data.ignore_index={d.ignore_index}")
   return source
 
@@ -274,7 +292,7 @@ def _pad_to_full_batches(ds: grain.MapDataset, config: ml_collections.ConfigDict
   """Marks examples valid and appends invalid fillers up to the batch count every process shares."""
   per_process = -(-num_examples // process_count)
   target = -(-per_process // batch_size) * batch_size
-  size = config.data.image_size
+  size = segmentation_size(config)
   filler = {
       "image": np.zeros((size, size, 3), np.float32),
       "mask": np.full((size, size), config.data.ignore_index, np.int32),

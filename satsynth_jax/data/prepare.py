@@ -6,16 +6,20 @@ scene, when the download has no val split), read and check each scene, cut it in
 patches (tiling.py) and stream them into records. Patches that are entirely no-data are
 kept, so patch counts match the paper's (16 per 1024 px LoveDA tile).
 
-Re-running is idempotent: a split whose manifest.json exists is skipped; one without (an
-interrupted write) is rebuilt. Previews and the class-frequency chart go to
-`<workdir>/report/`, and a summary (scenes, patches, class shares, what the download
-lacked) is printed.
+Nothing empty or stale passes as prepared: a split that would hold no patch (the patch
+size exceeds every scene) is refused before anything is written, and each manifest records
+the settings that shaped its split (`settings`). Re-running is idempotent: a split whose
+manifest.json exists is skipped if its settings equal the config's and refused, naming
+each difference, if not; one without a manifest (an interrupted write) is rebuilt.
+Previews and the class-frequency chart go to `<workdir>/report/`, and a summary (scenes,
+patches, class shares, what the download lacked) is printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pathlib
 
 import ml_collections
@@ -24,23 +28,87 @@ from absl import logging
 from tqdm import tqdm
 
 from satsynth_jax import viz
-from satsynth_jax.data import records, sources, tiling
-from satsynth_jax.data.sources import SPLITS, Inventory, Scene
-from satsynth_jax.data.sources import demo
+from satsynth_jax import workdir as paths
+from satsynth_jax.data import records, tiling
+from satsynth_jax.data.sources import demo, scenes as scene_io
+from satsynth_jax.data.sources.scenes import SPLITS, Inventory, Scene
+from satsynth_jax.errors import SatSynthError
 
 PREVIEW_PATCHES = 16
 PREVIEW_TILE = 160  # px per preview tile (patches are scaled to it): 16 pairs in a ~1.3k px wide PNG
 
 
-def split_dir(workdir: pathlib.Path, split: str) -> pathlib.Path:
-  return pathlib.Path(workdir) / "data" / split
+class PrepareError(SatSynthError, ValueError):
+  """A split that would be empty, or one already prepared with other settings than the config's."""
 
 
-def find_inventory(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> tuple[Inventory, pathlib.Path]:
+def split_settings(config: ml_collections.ConfigDict, *, held_out: bool) -> dict:
+  """The config values that shape a split, by config key, as JSON stores them; its manifest records them.
+
+  val_fraction (and seed) matter only when val was held out of train; the demo's scenes
+  depend on its scene settings and the seed instead of a source folder.
+  """
+  data = config.data
+  values = {"data.format": data.format}
+  if data.format == "demo":
+    values |= {"data.demo_num_scenes": data.demo_num_scenes, "data.demo_scene_size": data.demo_scene_size}
+  else:
+    values["data.source_dir"] = str(pathlib.Path(data.source_dir).expanduser().absolute())
+  values |= {"data.patch_size": data.patch_size, "data.patch_stride": data.patch_stride or data.patch_size,
+             "data.num_classes": data.num_classes, "data.class_names": list(data.class_names),
+             "data.mask_format": data.mask_format, "data.label_offset": data.label_offset,
+             "data.ignore_raw_values": list(data.ignore_raw_values),
+             "data.max_no_data_fraction": data.max_no_data_fraction}
+  if data.mask_format == "rgb":
+    values["data.palette"] = [list(colour) for colour in data.palette]
+  if held_out:
+    values["data.val_fraction"] = data.val_fraction
+  if held_out or data.format == "demo":
+    values["seed"] = config.seed
+  return json.loads(json.dumps(values))  # tuples become lists, as in the manifest
+
+
+# Manifests written before `settings` existed: the settings their own keys still tell.
+_LEGACY_KEYS = {"data.format": "source", "data.patch_size": "patch_size", "data.patch_stride": "patch_stride",
+                "data.num_classes": "num_classes", "data.class_names": "class_names"}
+
+
+def check_settings(split: str, manifest: dict, config: ml_collections.ConfigDict, workdir) -> None:
+  """Refuse a prepared split whose recorded settings differ from the config's, naming each key."""
+  old = manifest.get("settings")
+  if old is None:
+    old = {key: manifest[name] for key, name in _LEGACY_KEYS.items() if name in manifest}
+    new = {key: value for key, value in split_settings(config, held_out=False).items() if key in old}
+  else:
+    new = split_settings(config, held_out="data.val_fraction" in old)
+  absent = "(not recorded)"
+  changed = [f"{key} {json.dumps(old.get(key, absent))} -> {json.dumps(new.get(key, absent))}"
+             for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)]
+  if changed:
+    directory = paths.data_dir(workdir, split)
+    raise PrepareError(
+        f"{directory / records.MANIFEST} was prepared with other settings: {'; '.join(changed)}; "
+        f"use a fresh --workdir, or delete {directory.parent} to prepare again")
+
+
+def check_not_empty(split: str, scenes: list[Scene], data: ml_collections.ConfigDict, stride: int) -> None:
+  """Refuse, before anything is written, a split whose scenes (sizes from headers) give no patch."""
+  sizes = {scene.scene_id: scene_io.scene_size(scene, data) for scene in scenes}
+  if any(tiling.patch_starts(h, data.patch_size, stride) and tiling.patch_starts(w, data.patch_size, stride)
+         for h, w in sizes.values()):
+    return
+  scene_id, (height, width) = max(sizes.items(), key=lambda item: (min(item[1]), item[1][0] * item[1][1]))
+  raise PrepareError(
+      f"the {split} split would hold no patch: data.patch_size={data.patch_size} fits in none of its "
+      f"{len(scenes)} scene(s) (the largest, {scene_id}, is {width}x{height} px); "
+      f"set data.patch_size to at most {min(height, width)}")
+
+
+def find_inventory(config: ml_collections.ConfigDict, workdir) -> tuple[Inventory, pathlib.Path]:
   """The scenes of config.data.format's download and its folder (the demo draws its scenes first)."""
   data = config.data
   if data.format == "demo":
-    source_dir = demo.write_source(config, pathlib.Path(workdir) / "demo_source")
+    source_dir = demo.write_source(config, paths.demo_source_dir(workdir))
     converter = "folder"
   else:
     source_dir, converter = pathlib.Path(data.source_dir), data.format
@@ -69,35 +137,61 @@ def hold_out_val(scenes: list[Scene], val_fraction: float, seed: int) -> tuple[l
 
 
 def _pairs(scenes: list[Scene], data: ml_collections.ConfigDict, stride: int, split: str):
-  """Patches of every scene as record pairs, with a progress bar over scenes."""
+  """Patches of every scene as record pairs, with a progress bar over scenes.
+
+  Train patches with more than data.max_no_data_fraction of no-data pixels (LoveDA's black
+  borders) are dropped: they teach G little but the no-data code. Val keeps every patch, so
+  scores stay comparable with the paper's protocol (no-data pixels are ignored there anyway).
+  """
   bar = tqdm(scenes, desc=f"prepare {split}", unit="scene")
-  patches = 0
+  patches = dropped = 0
+  no_data = records.ignore_value(data.num_classes)
   for scene in bar:
-    image, mask = sources.load_scene(scene, data)
+    image, mask = scene_io.load_scene(scene, data)
     before = patches
     for y, x, image_patch, mask_patch in tiling.tile(image, mask, data.patch_size, stride):
+      if split == "train" and np.mean(mask_patch == no_data) > data.max_no_data_fraction:
+        dropped += 1
+        continue
       patches += 1
       yield records.Pair(image=np.ascontiguousarray(image_patch), mask=np.ascontiguousarray(mask_patch),
                          id=tiling.patch_id(scene.scene_id, y, x), source=data.format,
                          num_classes=data.num_classes)
     if patches == before:
-      logging.warning("%s: %dx%d px is smaller than data.patch_size=%d; no patches", scene.image_path,
-                      image.shape[1], image.shape[0], data.patch_size)
-    bar.set_postfix(patches=patches)
+      logging.warning("%s: no patches (%dx%d px, data.patch_size=%d; %d dropped as mostly no-data so far)",
+                      scene.image_path, image.shape[1], image.shape[0], data.patch_size, dropped)
+    bar.set_postfix(patches=patches, dropped=dropped)
+  if dropped:
+    logging.warning("prepare %s: dropped %d patches with more than data.max_no_data_fraction=%g no-data", split,
+                    dropped, data.max_no_data_fraction)
 
 
 def write_split(directory: pathlib.Path, scenes: list[Scene], data: ml_collections.ConfigDict, *,
-                source_dir: pathlib.Path, missing: tuple[str, ...], val_note: str | None) -> dict:
+                source_dir: pathlib.Path, missing: tuple[str, ...], val_note: str | None,
+                settings: dict) -> dict:
   """Stream the scenes' patches into `directory`; the manifest records how they were made."""
   stride = data.patch_stride or data.patch_size
   split = directory.name
+  if split == "train" and data.max_no_data_fraction < 1:
+    hint = f" (or every patch has more than data.max_no_data_fraction={data.max_no_data_fraction:g} no-data)"
+  else:
+    hint = ""
+  try:
+    return _write(directory, scenes, data, stride, split, source_dir, missing, val_note, settings)
+  except records.RecordError as e:
+    if "no examples to write" not in str(e):
+      raise
+    raise PrepareError(f"{split} split: no patches to write{hint}; nothing was saved") from e
+
+
+def _write(directory, scenes, data, stride, split, source_dir, missing, val_note, settings) -> dict:
   return records.write_records(
       directory, _pairs(scenes, data, stride, split), num_classes=data.num_classes,
       class_names=list(data.class_names), source=data.format, examples_per_shard=data.examples_per_shard,
       overwrite=True,  # no manifest here: leftovers of an interrupted write, safe to replace
       patch_size=data.patch_size, patch_stride=stride, num_scenes=len(scenes),
       scenes=[s.scene_id for s in scenes], source_dir=str(source_dir), missing=list(missing),
-      val_holdout=val_note)
+      val_holdout=val_note, settings=settings)
 
 
 def class_shares(manifest: dict) -> tuple[np.ndarray, float]:
@@ -120,8 +214,7 @@ def _count(n: int, singular: str, plural: str | None = None) -> str:
   return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
-def write_previews(directory: pathlib.Path, report_dir: pathlib.Path,
-                   data: ml_collections.ConfigDict) -> list[pathlib.Path]:
+def write_previews(directory: pathlib.Path, workdir, data: ml_collections.ConfigDict) -> list[pathlib.Path]:
   """report/prepare_<split>.png (patches beside their masks) and class_frequency_<split>.png."""
   split = directory.name
   source = records.PairSource(directory)
@@ -143,8 +236,8 @@ def write_previews(directory: pathlib.Path, report_dir: pathlib.Path,
   chart = viz.bar_chart(
       shares, data.class_names, f"{data.format} {split}: class share of labelled pixels{excluded}", log=True,
       colors=data.palette, value_label="fraction of labelled pixels", value_format=format_percent)
-  return [viz.save_png(grid, report_dir / f"prepare_{split}.png"),
-          viz.save_png(chart, report_dir / f"class_frequency_{split}.png")]
+  return [viz.save_png(grid, paths.report_path(workdir, f"prepare_{split}.png")),
+          viz.save_png(chart, paths.report_path(workdir, f"class_frequency_{split}.png"))]
 
 
 def summary(manifests: dict[str, dict | None], written: set[str], data: ml_collections.ConfigDict) -> str:
@@ -171,15 +264,16 @@ def summary(manifests: dict[str, dict | None], written: set[str], data: ml_colle
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict | None]:
   """Prepare both splits (skipping finished ones); returns each split's manifest (None if empty)."""
-  workdir = pathlib.Path(workdir)
   data = config.data
   if data.ignore_index != records.ignore_value(data.num_classes):
-    raise sources.SourceError(
+    raise scene_io.SourceError(
         f"config.data.ignore_index={data.ignore_index}: records store no-data as "
         f"{records.ignore_value(data.num_classes)} for {data.num_classes} classes; set it to that")
-  done = {s for s in SPLITS if (split_dir(workdir, s) / records.MANIFEST).is_file()}
+  directories = {split: paths.data_dir(workdir, split) for split in SPLITS}
+  done = {s for s in SPLITS if (directories[s] / records.MANIFEST).is_file()}
   for split in sorted(done):
-    logging.info("%s already holds a manifest: skipping the %s split", split_dir(workdir, split), split)
+    check_settings(split, records.read_manifest(directories[split]), config, workdir)
+    logging.info("%s already holds a manifest: skipping the %s split", directories[split], split)
   written: set[str] = set()
   if done != set(SPLITS):
     inventory, source_dir = find_inventory(config, workdir)
@@ -190,20 +284,20 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[
       logging.warning("%s", val_note)
     by_split = {s: [scene for scene in scenes if scene.split == s] for s in SPLITS}
     if not by_split["train"]:
-      raise sources.SourceError(f"no train scenes found for data.format={data.format!r} under "
-                                f"{source_dir}; missing: {list(inventory.missing)}")
-    for split in SPLITS:
-      if split in done or not by_split[split]:
-        continue
-      write_split(split_dir(workdir, split), by_split[split], data, source_dir=source_dir,
-                  missing=inventory.missing, val_note=val_note)
+      raise scene_io.SourceError(f"no train scenes found for data.format={data.format!r} under "
+                                 f"{source_dir}; missing: {list(inventory.missing)}")
+    todo = [split for split in SPLITS if split not in done and by_split[split]]
+    for split in todo:  # all checked before the first write
+      check_not_empty(split, by_split[split], data, data.patch_stride or data.patch_size)
+    for split in todo:
+      write_split(directories[split], by_split[split], data, source_dir=source_dir, missing=inventory.missing,
+                  val_note=val_note, settings=split_settings(config, held_out=val_note is not None))
       written.add(split)
   manifests = {}
   for split in SPLITS:
-    directory = split_dir(workdir, split)
-    manifests[split] = records.read_manifest(directory) if split in done | written else None
+    manifests[split] = records.read_manifest(directories[split]) if split in done | written else None
     if manifests[split] is not None:
-      for path in write_previews(directory, workdir / "report", data):
+      for path in write_previews(directories[split], workdir, data):
         logging.info("wrote %s", path)
   print(summary(manifests, written, data), flush=True)
   return manifests

@@ -1,17 +1,16 @@
-"""TFRecord shards of image-mask pairs: atomic writes, CRC-checked random access, no TensorFlow.
+"""Record directories of image-mask pairs: the pair codec, shards, manifests, PairSource.
 
-A record directory holds `manifest.json`, shards `shard-00000.tfrecord`, ... of
+A record directory holds `manifest.json` and shards `shard-00000.tfrecord`, ... of
 `tf.train.Example` protos in standard TFRecord framing (TensorFlow and TFDS read them),
-and per shard a sidecar index `shard-00000.tfrecord.index` of little-endian uint64 record
-start offsets, so a grain RandomAccessDataSource can shuffle globally.
+each with its sidecar offset index `shard-00000.tfrecord.index` (wire format: tfrecord.py),
+and TFDS metadata (`dataset_info.json`, `features.json`: tfds_metadata.py).
 
 Masks are stored by class count: uint8 PNG ("L", ignore 255) when K <= 255, else
 uint16 PNG ("I;16", ignore 65535). Images are RGB uint8 PNG.
 
-Where records live: readers (read_manifest, PairSource, iter_records, shard_entry) take a
-local path or a bucket URL such as gs://bucket/records/train (any etils.epath filesystem;
-gs:// needs gcsfs or TensorFlow installed). Local paths read with os.pread; URLs and
-epath.Path objects go through epath file handles. Writers need a local or mounted folder.
+Where records live: readers (read_manifest, PairSource, shard_entry) take a local path or
+a bucket URL such as gs://bucket/records/train (see tfrecord.py); writers need a local or
+mounted folder.
 """
 
 from __future__ import annotations
@@ -21,29 +20,19 @@ import io
 import itertools
 import json
 import os
-import pathlib
-import struct
-import threading
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
-import crc32c
 import numpy as np
-from etils import epath
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from PIL import Image
 
 from satsynth_jax import atomic
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.data import tfds_metadata, tfrecord
+# Re-exported: callers name them records.as_path / records.RecordError.
+from satsynth_jax.data.tfrecord import RecordError, as_path  # noqa: F401
 
 FORMAT = "satsynth_jax.pairs/v1"
 MANIFEST = "manifest.json"
 _SHARD_GLOB = "shard-*.tfrecord"
-_HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length bytes
-_FOOTER = struct.Struct("<I")  # masked CRC32C of the data
-
-
-class RecordError(SatSynthError):
-  """A corrupt or truncated record, or a record directory that disagrees with its manifest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,72 +44,9 @@ class Pair:
   num_classes: int
 
 
-def as_path(path: str | os.PathLike) -> pathlib.Path | epath.Path:
-  """Local paths as pathlib.Path; URLs (gs://bucket/dir, s3://...) and epath.Path objects as epath.Path."""
-  if isinstance(path, epath.Path) or "://" in os.fspath(path):
-    return epath.Path(path)
-  return pathlib.Path(path)
-
-
-def _local_for_writing(path: str | os.PathLike) -> pathlib.Path:
-  path = as_path(path)
-  if not isinstance(path, pathlib.Path):
-    raise ValueError(f"{path}: records are written to a local or mounted folder (writes are atomic renames); "
-                     f"copy the folder to the bucket afterwards, e.g. gcloud storage cp -r DIR gs://BUCKET/")
-  return path
-
-
-def _size(path: pathlib.Path | epath.Path) -> int:
-  stat = path.stat()
-  return stat.st_size if isinstance(path, pathlib.Path) else stat.length
-
-
 def ignore_value(num_classes: int) -> int:
   """The stored mask's no-data value: 255 for uint8 masks (K <= 255), else 65535."""
   return 255 if num_classes <= 255 else 65535
-
-
-def _example_class() -> type:
-  """tf.train.Example built in a private descriptor pool.
-
-  Field numbers follow tensorflow/core/example/{example,feature}.proto, so the bytes are
-  wire-compatible; the private pool avoids clashing with TensorFlow's own registration.
-  """
-  f = descriptor_pb2.FieldDescriptorProto
-  file = descriptor_pb2.FileDescriptorProto(
-      name="satsynth_jax/tf_example.proto", package="tensorflow", syntax="proto3")
-
-  def add(container, name: str, *fields: tuple[str, int, int, str, bool]):
-    message = container.add(name=name)
-    for field_name, number, field_type, type_name, repeated in fields:
-      message.field.add(name=field_name, number=number, type=field_type,
-                        type_name=type_name or None,
-                        label=f.LABEL_REPEATED if repeated else f.LABEL_OPTIONAL)
-    return message
-
-  add(file.message_type, "BytesList", ("value", 1, f.TYPE_BYTES, "", True))
-  add(file.message_type, "FloatList", ("value", 1, f.TYPE_FLOAT, "", True))
-  add(file.message_type, "Int64List", ("value", 1, f.TYPE_INT64, "", True))
-  feature = add(file.message_type, "Feature",
-                ("bytes_list", 1, f.TYPE_MESSAGE, ".tensorflow.BytesList", False),
-                ("float_list", 2, f.TYPE_MESSAGE, ".tensorflow.FloatList", False),
-                ("int64_list", 3, f.TYPE_MESSAGE, ".tensorflow.Int64List", False))
-  feature.oneof_decl.add(name="kind")
-  for field in feature.field:
-    field.oneof_index = 0
-  features = add(file.message_type, "Features",
-                 ("feature", 1, f.TYPE_MESSAGE, ".tensorflow.Features.FeatureEntry", True))
-  # map<string, Feature> is sugar for a repeated nested entry message flagged map_entry.
-  entry = add(features.nested_type, "FeatureEntry", ("key", 1, f.TYPE_STRING, "", False),
-              ("value", 2, f.TYPE_MESSAGE, ".tensorflow.Feature", False))
-  entry.options.map_entry = True
-  add(file.message_type, "Example", ("features", 1, f.TYPE_MESSAGE, ".tensorflow.Features", False))
-  pool = descriptor_pool.DescriptorPool()
-  pool.Add(file)
-  return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.Example"))
-
-
-Example = _example_class()
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -146,7 +72,7 @@ def serialize_pair(pair: Pair) -> bytes:
   if bad.any():
     raise ValueError(f"pair {pair.id!r}: mask values {np.unique(mask[bad])[:8].tolist()} are "
                      f"neither classes 0..{k - 1} nor ignore {ignore}")
-  example = Example()
+  example = tfrecord.Example()
   feature = example.features.feature
   feature["image"].bytes_list.value.append(_png(image))
   feature["mask"].bytes_list.value.append(_png(mask.astype(np.uint8 if k <= 255 else np.uint16)))
@@ -160,7 +86,7 @@ def serialize_pair(pair: Pair) -> bytes:
 
 def parse_pair(data: bytes) -> dict:
   """{"image": uint8[H,W,3], "mask": uint8|uint16[H,W], "id", "source", "num_classes"}."""
-  example = Example()
+  example = tfrecord.Example()
   try:
     example.ParseFromString(data)
   except Exception as e:  # protobuf raises its DecodeError (or RuntimeError on upb).
@@ -193,53 +119,8 @@ def parse_pair(data: bytes) -> dict:
   return pair
 
 
-def _masked_crc(data: bytes) -> int:
-  crc = crc32c.crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def frame_record(data: bytes) -> bytes:
-  """Standard TFRecord framing: length, masked CRC32C of it, data, masked CRC32C of the data."""
-  length = struct.pack("<Q", len(data))
-  return length + _FOOTER.pack(_masked_crc(length)) + data + _FOOTER.pack(_masked_crc(data))
-
-
-def _unframe_header(header: bytes, where: str) -> int:
-  if len(header) < _HEADER.size:
-    raise RecordError(f"{where}: truncated header ({len(header)} of {_HEADER.size} bytes)")
-  length, crc = _HEADER.unpack(header)
-  if crc != _masked_crc(header[:8]):
-    raise RecordError(f"{where}: length CRC mismatch (corrupt header)")
-  return length
-
-
-def _unframe_body(body: bytes, length: int, where: str) -> bytes:
-  if len(body) < length + _FOOTER.size:
-    raise RecordError(f"{where}: truncated ({len(body)} of {length + _FOOTER.size} bytes)")
-  data = body[:length]
-  if _FOOTER.unpack_from(body, length)[0] != _masked_crc(data):
-    raise RecordError(f"{where}: data CRC mismatch (corrupt record)")
-  return data
-
-
-def iter_records(path: str | os.PathLike) -> Iterator[bytes]:
-  """The CRC-checked records of any TFRecord file in order (no index needed)."""
-  with as_path(path).open("rb") as file:
-    for index in itertools.count():
-      header = file.read(_HEADER.size)
-      if not header:
-        return
-      where = f"{path}: record {index}"
-      length = _unframe_header(header, where)
-      yield _unframe_body(file.read(length + _FOOTER.size), length, where)
-
-
 def shard_filename(index: int) -> str:
   return f"shard-{index:05d}.tfrecord"
-
-
-def _index_path(shard: pathlib.Path | epath.Path) -> pathlib.Path | epath.Path:
-  return shard.with_name(shard.name + ".index")
 
 
 def _class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
@@ -248,17 +129,13 @@ def _class_pixels(mask: np.ndarray, num_classes: int) -> np.ndarray:
 
 def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
   """Writes a shard and its index atomically (index renamed first); returns its manifest entry."""
-  path = _local_for_writing(path)
-  offsets, class_pixels = [], None
+  path = tfrecord.local_for_writing(path)
+  class_pixels = None
 
-  def write(file) -> None:
+  def serialized() -> Iterator[bytes]:
     nonlocal class_pixels
-    offset = 0
     for pair in pairs:
-      record = frame_record(serialize_pair(pair))
-      file.write(record)
-      offsets.append(offset)
-      offset += len(record)
+      yield serialize_pair(pair)
       counts = _class_pixels(np.asarray(pair.mask), pair.num_classes)
       if class_pixels is None:
         class_pixels = counts
@@ -268,12 +145,8 @@ def write_shard(path: str | os.PathLike, pairs: Iterable[Pair]) -> dict:
       else:
         class_pixels += counts
 
-  def write_index() -> None:
-    index = np.asarray(offsets, dtype="<u8").tobytes()
-    atomic.write_bytes(_index_path(path), index)
-
-  atomic.write(path, write, write_index)
-  return {"file": path.name, "count": len(offsets),
+  count = tfrecord.write_indexed(path, serialized())
+  return {"file": path.name, "count": count,
           "class_pixels": [] if class_pixels is None else class_pixels.tolist()}
 
 
@@ -283,16 +156,16 @@ def shard_record_count(path: str | os.PathLike) -> int:
   if not path.is_file():
     return 0
   # The index is renamed into place before its shard, so a present shard has a full index.
-  if not (index := _index_path(path)).is_file():
+  if not (index := tfrecord.index_path(path)).is_file():
     raise RecordError(f"{index} is missing although {path} exists")
-  return _size(index) // 8
+  return tfrecord.file_size(index) // 8
 
 
 def shard_entry(path: str | os.PathLike) -> dict:
   """The manifest entry of a shard already on disk (e.g. a resumed job), recounting its masks."""
   path = as_path(path)
   class_pixels, count = None, 0
-  for count, data in enumerate(iter_records(path), start=1):
+  for count, data in enumerate(tfrecord.iter_records(path), start=1):
     try:
       pair = parse_pair(data)
     except RecordError as e:
@@ -300,7 +173,7 @@ def shard_entry(path: str | os.PathLike) -> dict:
     pixels = _class_pixels(pair["mask"], pair["num_classes"])
     class_pixels = pixels if class_pixels is None else class_pixels + pixels
   if (indexed := shard_record_count(path)) != count:
-    raise RecordError(f"{_index_path(path)} lists {indexed} records but {path} holds {count}")
+    raise RecordError(f"{tfrecord.index_path(path)} lists {indexed} records but {path} holds {count}")
   return {"file": path.name, "count": count,
           "class_pixels": [] if class_pixels is None else class_pixels.tolist()}
 
@@ -320,7 +193,10 @@ def write_manifest(directory: str | os.PathLike, shards: list[dict], *, num_clas
               "shards": shards, "class_pixels": class_pixels.tolist()}
   if clash := manifest.keys() & meta.keys():
     raise ValueError(f"meta keys {sorted(clash)} are reserved manifest keys")
-  atomic.write_json(_local_for_writing(directory) / MANIFEST, manifest | meta)
+  directory = tfrecord.local_for_writing(directory)
+  # TFDS metadata first: the manifest stays the mark of a finished set.
+  tfds_metadata.write(directory, manifest)
+  atomic.write_json(directory / MANIFEST, manifest | meta)
 
 
 def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_classes: int,
@@ -329,10 +205,11 @@ def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_cl
   """Streams pairs into shards of examples_per_shard, writes the manifest, returns it (verified)."""
   if examples_per_shard < 1:
     raise ValueError(f"examples_per_shard must be >= 1, got {examples_per_shard}")
-  directory = _local_for_writing(directory)
+  directory = tfrecord.local_for_writing(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  # The manifest comes first, so a crash mid-way leaves a directory that readers refuse.
-  old_files = [directory / MANIFEST] if (directory / MANIFEST).exists() else []
+  # The manifest (then the TFDS metadata) goes first, so a crash mid-way leaves a directory that
+  # readers, TFDS included, refuse.
+  old_files = [directory / name for name in (MANIFEST, *tfds_metadata.FILES) if (directory / name).exists()]
   old_files += sorted(directory.glob(_SHARD_GLOB)) + sorted(directory.glob(_SHARD_GLOB + ".index"))
   if old_files and not overwrite:
     raise RecordError(f"{directory} already holds {old_files[0].name} (from an earlier or "
@@ -355,6 +232,8 @@ def write_records(directory: str | os.PathLike, pairs: Iterable[Pair], *, num_cl
   for first in stream:
     chunk = itertools.chain([first], itertools.islice(stream, examples_per_shard - 1))
     shards.append(write_shard(directory / shard_filename(len(shards)), chunk))
+  if not shards:  # an empty set is never saved as finished
+    raise RecordError(f"{directory}: no examples to write; no manifest was saved")
   write_manifest(directory, shards, num_classes=num_classes, class_names=class_names,
                  source=source, **meta)
   return read_manifest(directory)
@@ -379,11 +258,11 @@ def read_manifest(directory: str | os.PathLike) -> dict:
     raise RecordError(f"{', '.join(unlisted)} not listed in {path}")
   for shard in manifest["shards"]:
     shard_path = directory / shard["file"]
-    index_path = _index_path(shard_path)
+    index_path = tfrecord.index_path(shard_path)
     for required in (shard_path, index_path):
       if not required.is_file():
         raise RecordError(f"{required} is listed in {path} but missing")
-    if (size := _size(index_path)) != 8 * shard["count"]:
+    if (size := tfrecord.file_size(index_path)) != 8 * shard["count"]:
       raise RecordError(f"{index_path} holds {size} bytes ({size / 8:g} offsets) but {path} "
                         f"lists {shard['count']} records for {shard['file']}")
   if manifest["num_examples"] != sum(shard["count"] for shard in manifest["shards"]):
@@ -391,67 +270,11 @@ def read_manifest(directory: str | os.PathLike) -> dict:
   return manifest
 
 
-class _LocalShards:
-  """Record bytes of local shards: os.pread on lazily opened fds, so threads share no file offset."""
-
-  def __init__(self, paths: list[pathlib.Path]):
-    self._paths = paths
-    self._files: list[tuple[int, int] | None] = [None] * len(paths)  # (fd, size)
-    self._lock = threading.Lock()
-
-  def _file(self, shard: int) -> tuple[int, int]:
-    with self._lock:
-      if self._files[shard] is None:
-        fd = os.open(self._paths[shard], os.O_RDONLY)
-        self._files[shard] = (fd, os.fstat(fd).st_size)
-      return self._files[shard]
-
-  def read(self, shard: int, start: int, end: int | None) -> bytes:
-    """Bytes start..end of the shard (end None: to the end of the file)."""
-    fd, size = self._file(shard)
-    return os.pread(fd, max((size if end is None else end) - start, 0), start)
-
-  def close(self) -> None:
-    with self._lock:
-      for entry in self._files:
-        if entry is not None:
-          os.close(entry[0])
-      self._files = [None] * len(self._paths)
-
-
-class _EpathShards:
-  """Record bytes of shards on gs:// or any etils.epath filesystem, through its file handles.
-
-  One handle per shard, opened lazily; a lock per shard guards its seek + read, so threads
-  reading different shards (the common case under a global shuffle) run in parallel.
-  """
-
-  def __init__(self, paths: list[epath.Path]):
-    self._paths = paths
-    self._files: list[Any] = [None] * len(paths)
-    self._locks = [threading.Lock() for _ in paths]
-
-  def read(self, shard: int, start: int, end: int | None) -> bytes:
-    with self._locks[shard]:
-      if self._files[shard] is None:
-        self._files[shard] = self._paths[shard].open("rb")
-      file = self._files[shard]
-      file.seek(start)
-      return file.read() if end is None else file.read(max(end - start, 0))
-
-  def close(self) -> None:
-    for shard, lock in enumerate(self._locks):
-      with lock:
-        if self._files[shard] is not None:
-          self._files[shard].close()
-          self._files[shard] = None
-
-
 class PairSource:
   """grain RandomAccessDataSource over a record directory: global index -> parsed pair.
 
   `directory` is local (read with os.pread) or a URL such as gs://bucket/records/train
-  (read through etils.epath), see the module docstring. Picklable (grain ships it to worker
+  (read through etils.epath), see tfrecord.py. Picklable (grain ships it to worker
   processes): files open lazily and are dropped on pickling. Thread-safe.
   """
 
@@ -459,29 +282,12 @@ class PairSource:
     self.directory = as_path(directory)
     self.manifest = read_manifest(self.directory)
     self.num_classes = self.manifest["num_classes"]
-    self._paths = [self.directory / shard["file"] for shard in self.manifest["shards"]]
-    self._offsets = [np.frombuffer(_index_path(p).read_bytes(), dtype="<u8") for p in self._paths]
-    self._ends = np.cumsum([len(offsets) for offsets in self._offsets], dtype=np.int64)
-    self._reset_files()
-
-  def _reset_files(self) -> None:
-    local = isinstance(self.directory, pathlib.Path)
-    self._shards = _LocalShards(self._paths) if local else _EpathShards(self._paths)
-
-  def __getstate__(self) -> dict:
-    return {k: v for k, v in self.__dict__.items() if k != "_shards"}
-
-  def __setstate__(self, state: dict) -> None:
-    self.__dict__.update(state)
-    self._reset_files()
+    self._files = [tfrecord.IndexedFile(self.directory / shard["file"]) for shard in self.manifest["shards"]]
+    self._ends = np.cumsum([len(file) for file in self._files], dtype=np.int64)
 
   def close(self) -> None:
-    self._shards.close()
-
-  def __del__(self):
-    # At interpreter exit module globals (os) may already be gone; the OS closes files anyway.
-    if hasattr(self, "_shards") and os is not None and getattr(os, "close", None) is not None:
-      self.close()
+    for file in self._files:
+      file.close()
 
   def __len__(self) -> int:
     return int(self._ends[-1]) if len(self._ends) else 0
@@ -492,20 +298,12 @@ class PairSource:
       raise IndexError(f"index {index} out of range for {len(self)} pairs in {self.directory}")
     shard = int(np.searchsorted(self._ends, index, side="right"))
     local = index - (int(self._ends[shard - 1]) if shard else 0)
-    offsets = self._offsets[shard]
-    start = int(offsets[local])
-    end = int(offsets[local + 1]) if local + 1 < len(offsets) else None
-    where = f"{self._paths[shard]}: record {local}"
-    record = self._shards.read(shard, start, end)
-    length = _unframe_header(record[:_HEADER.size], where)
-    data = _unframe_body(record[_HEADER.size:], length, where)
-    if len(record) != _HEADER.size + length + _FOOTER.size:
-      raise RecordError(f"{where}: record spans {len(record)} bytes but its index slot "
-                        f"{start}..{'end of file' if end is None else end} disagrees (stale index or trailing bytes)")
+    file = self._files[shard]
+    data = file.read(local)
     try:
       return parse_pair(data)
     except RecordError as e:
-      raise RecordError(f"{where}: {e}") from e
+      raise RecordError(f"{file.path}: record {local}: {e}") from e
 
   def __repr__(self) -> str:
     return f"PairSource({str(self.directory)!r}, {len(self)} pairs)"

@@ -54,20 +54,12 @@ def _as_matrix(features, what: str) -> np.ndarray:
   return x
 
 
-def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
-  """(mean [D], covariance [D, D]) in float64 of features [N, D], N >= 2 (unbiased covariance)."""
-  x = _as_matrix(features, "features")
-  if x.shape[0] < 2:
-    raise ValueError(f"a covariance needs at least 2 feature vectors, got {x.shape[0]}")
-  return x.mean(axis=0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
-
-
 class RunningMoments:
   """Mean and covariance of a stream of [B, D] batches, merged exactly in float64.
 
   Each batch is centred on its own mean and merged with the pairwise update of Chan et al.,
-  so no large uncentred sum of squares loses precision; the result equals
-  `feature_statistics` of all rows at once.
+  so no large uncentred sum of squares loses precision; the result equals the one-pass
+  mean and unbiased covariance of all rows at once.
   """
 
   def __init__(self):

@@ -89,11 +89,14 @@ class FPNSegmenter(nn.Module):
   num_classes: int
   backbone_stages: Sequence[int] = resnet.RESNET50_STAGES
   dtype: Any = jnp.float32
+  base_width: int = resnet.RESNET50_WIDTH  # scales the backbone, FPN (4x) and head (2x) widths
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
-    features = resnet.ResNet(self.backbone_stages, self.dtype, name="backbone")(images, train)
-    pyramid = FPN(dtype=self.dtype, name="fpn")(features)
-    logits = SemanticHead(self.num_classes, dtype=self.dtype, name="head")(pyramid)
+    features = resnet.ResNet(self.backbone_stages, self.dtype, self.base_width, name="backbone")(images, train)
+    pyramid = FPN(channels=4 * self.base_width, dtype=self.dtype, name="fpn")(features)
+    head = 2 * self.base_width
+    logits = SemanticHead(self.num_classes, channels=head, groups=min(32, head // 4), dtype=self.dtype,
+                          name="head")(pyramid)
     # Upsample in float32: the loss and argmax see the logits at full precision.
     return resize_to(logits.astype(jnp.float32), images.shape[1:3], "bilinear")

@@ -2,10 +2,11 @@
 
 The layout (stride on the 3x3 conv of a bottleneck, symmetric explicit padding, BatchNorm
 eps 1e-5 / momentum 0.1 in torch terms) matches torchvision's `resnet50`, so its
-ImageNet weights load unchanged from a `.npz` of its state dict (`load_pretrained`;
-`tools/convert_torchvision_resnet50.py` writes one from a `.pth`). Module names mirror
-torchvision's (`layer2_0/downsample_conv` <-> `layer2.0.downsample.0`), so the name
-mapping is mechanical.
+ImageNet weights load unchanged from a `.safetensors` of its state dict (`load_pretrained`),
+e.g. timm's `resnet50.tv_in1k` `model.safetensors`, read with safetensors' NumPy API so
+torch is never needed (`tools/convert_torchvision_resnet50.py` writes one from a `.pth`).
+Module names mirror torchvision's (`layer2_0/downsample_conv` <-> `layer2.0.downsample.0`),
+so the name mapping is mechanical.
 
 BatchNorm has no `axis_name`: the train step is one `jax.jit` over a batch sharded on a
 `Mesh`, where the batch mean is taken over the global (logical) batch and XLA inserts
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,11 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from safetensors import SafetensorError
+from safetensors.numpy import load_file
 
 from satsynth_jax.errors import SatSynthError
 
 RESNET50_STAGES = (3, 4, 6, 3)
-STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths; outputs are 4x wider
+RESNET50_WIDTH = 64  # the stem's channels and stage 1's bottleneck width; stages double it
+STAGE_WIDTHS = (64, 128, 256, 512)  # bottleneck widths at RESNET50_WIDTH; outputs are 4x wider
 EXPANSION = 4
 # torchvision's ImageNet weights expect RGB in [0, 1] standardised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -74,11 +79,14 @@ class ResNet(nn.Module):
 
   Takes RGB images [B, H, W, 3] in [0, 1] (standardised inside, as the ImageNet weights
   expect) and returns {"C1": stem output at stride 2 (64 ch), "C2".."C5": stage outputs
-  at strides 4, 8, 16, 32 (256, 512, 1024, 2048 ch)} in the compute `dtype`.
+  at strides 4, 8, 16, 32 (256, 512, 1024, 2048 ch)} in the compute `dtype`. `base_width`
+  scales every width (64 is ResNet-50's, the only one its ImageNet weights fit; 16 gives a
+  CPU-sized net for toy data).
   """
 
   stage_sizes: Sequence[int] = RESNET50_STAGES
   dtype: Any = jnp.float32
+  base_width: int = RESNET50_WIDTH
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -87,11 +95,12 @@ class ResNet(nn.Module):
     mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
     std = jnp.asarray(IMAGENET_STD, jnp.float32)
     x = ((images.astype(jnp.float32) - mean) / std).astype(self.dtype)
-    x = _conv(64, 7, 2, "conv1", self.dtype)(x)
+    x = _conv(self.base_width, 7, 2, "conv1", self.dtype)(x)
     x = nn.relu(batch_norm(train, "bn1", self.dtype)(x))
     features = {"C1": x}
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, width) in enumerate(zip(self.stage_sizes, STAGE_WIDTHS)):
+      width = width * self.base_width // RESNET50_WIDTH
       for block in range(blocks):
         stride = 2 if stage > 0 and block == 0 else 1
         x = Bottleneck(width, stride, self.dtype, name=f"layer{stage + 1}_{block}")(x, train)
@@ -111,6 +120,8 @@ _MODULE_TO_TORCH = {"downsample_conv": "downsample.0", "downsample_bn": "downsam
 # Present in torchvision files, unused by a backbone: the classifier and BN step counters.
 _IGNORED_TORCH_KEYS = ("fc.weight", "fc.bias")
 _IGNORED_TORCH_SUFFIX = ".num_batches_tracked"
+_TORCH_BLOCK = re.compile(r"layer([1-4])\.(\d+)\.")
+_FLAX_BLOCK = re.compile(r"layer([1-4])_(\d+)")
 
 
 def torchvision_key(path: Sequence[str]) -> str:
@@ -129,69 +140,120 @@ def _is_kernel(path: Sequence[str]) -> bool:
 
 
 def _torch_shape(path: Sequence[str], shape: Sequence[int]) -> tuple[int, ...]:
+  """The torch layout of one of our variables: conv kernels HWIO -> OIHW, vectors as they are."""
   return tuple(shape[i] for i in _HWIO_TO_OIHW) if _is_kernel(path) else tuple(shape)
 
 
-def _flat_variables(params: Mapping, batch_stats: Mapping) -> dict[tuple[str, ...], Any]:
-  flat = dict(traverse_util.flatten_dict(params))
-  flat.update(traverse_util.flatten_dict(batch_stats))  # leaf names ("mean", "var") never clash
-  return flat
-
-
 def torchvision_state_dict(params: Mapping, batch_stats: Mapping) -> dict[str, np.ndarray]:
-  """Backbone variables -> {torchvision key: float32 array in torch layout}."""
+  """Backbone variables -> {torchvision key: float32 array in torch layout}, what `load_pretrained` reads.
+
+  `safetensors.numpy.save_file` of it is a file torch's `load_state_dict(strict=False)` and
+  `load_pretrained` both take (tests use it to build weight files from a model).
+  """
   state = {}
-  for path, value in _flat_variables(params, batch_stats).items():
-    value = np.asarray(value, np.float32)
-    state[torchvision_key(path)] = value.transpose(_HWIO_TO_OIHW) if _is_kernel(path) else value
+  for tree in (params, batch_stats):
+    for path, value in traverse_util.flatten_dict(tree).items():
+      value = np.asarray(value, np.float32)
+      if _is_kernel(path):
+        value = np.ascontiguousarray(value.transpose(_HWIO_TO_OIHW))  # safetensors needs contiguous data
+      state[torchvision_key(path)] = value
   return state
 
 
-def export_torchvision_npz(params: Mapping, batch_stats: Mapping, path: str | os.PathLike) -> None:
-  """Write backbone variables as a `.npz` with torchvision's keys and layouts."""
-  np.savez(path, **torchvision_state_dict(params, batch_stats))
+def _stage_sizes(params: Mapping) -> tuple[int, ...]:
+  """Blocks per stage of a backbone's params tree ("layer3_5" is the 6th block of stage 3)."""
+  sizes = [0] * len(RESNET50_STAGES)
+  for name in params:
+    match = _FLAX_BLOCK.fullmatch(name)
+    if match:
+      stage = int(match.group(1)) - 1
+      sizes[stage] = max(sizes[stage], int(match.group(2)) + 1)
+  return tuple(sizes)
+
+
+def _natural(key: str) -> tuple:
+  """Sort key putting layer3.9 before layer3.10, so the key an error names is the first by depth."""
+  return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in key.split("."))
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  if not os.path.isfile(path):
+    raise PretrainedWeightsError(f"{path}: no such pretrained weights file")
+  try:
+    return load_file(path)
+  except (SafetensorError, OSError) as e:
+    raise PretrainedWeightsError(f"{path}: not a readable .safetensors file ({e})") from e
 
 
 def load_pretrained(params: Mapping, batch_stats: Mapping,
                     path: str | os.PathLike) -> tuple[dict, dict]:
-  """Fill the backbone's `params` and `batch_stats` from a torchvision-keyed `.npz`.
+  """Fill a backbone's `params` and `batch_stats` from a torchvision-keyed `.safetensors` file.
 
-  Only the tree structure, shapes and dtypes of the inputs are used (abstract trees from
-  `jax.eval_shape` work). Every variable must be in the file with the matching shape, and
-  every file key except the classifier (`fc.*`) and `*.num_batches_tracked` must be used,
-  so a ResNet-101 file, or a ResNet-50 file against smaller `stage_sizes`, is refused.
-  Returns new (params, batch_stats) trees of jax arrays.
+  `params`/`batch_stats` are the trees of the "backbone" submodule; only their structure,
+  shapes and dtypes are used, so abstract trees from `jax.eval_shape` work. The file holds
+  torchvision's `resnet50` state dict (`conv1.weight`, `bn1.running_mean`,
+  `layer1.0.downsample.0.weight`, ...; conv weights OIHW, turned into HWIO here). `fc.*` and
+  `*.num_batches_tracked` are ignored. Every backbone variable must be present with its
+  shape, a floating dtype and finite values.
+
+  A truncated backbone (every stage no deeper than ResNet-50's (3, 4, 6, 3), e.g. the
+  demo's (1, 1, 1, 1)) takes the first blocks of each stage of a ResNet-50 file and
+  ignores the rest: the blocks that carry a stage's stride and width change are kept, and
+  a residual net degrades gracefully without its later blocks, so this is a usable warm
+  start. Any other file key the backbone has no variable for (a ResNet-101's layer3.6 on
+  ResNet-50, a key from another model) is refused.
+
+  Returns new (params, batch_stats) trees of jax arrays in the targets' dtypes.
   """
   path = os.fspath(path)
-  try:
-    with np.load(path) as npz:
-      arrays = {key: npz[key] for key in npz.files}
-  except (OSError, ValueError) as e:
-    raise PretrainedWeightsError(f"cannot read pretrained weights {path!r}: {e}") from e
+  arrays = _read_safetensors(path)
+  trees = {"params": traverse_util.flatten_dict(params),
+           "batch_stats": traverse_util.flatten_dict(batch_stats)}
+  keys = {(tree, var_path): torchvision_key(var_path) for tree, flat in trees.items() for var_path in flat}
 
-  def fill(tree: Mapping) -> dict:
-    filled = {}
-    for var_path, target in traverse_util.flatten_dict(tree).items():
-      key = torchvision_key(var_path)
-      if key not in arrays:
-        raise PretrainedWeightsError(f"{path}: missing key {key!r} (backbone variable {'/'.join(var_path)})")
-      value = arrays[key]
-      expected = _torch_shape(var_path, target.shape)
-      if value.shape != expected:
-        raise PretrainedWeightsError(
-            f"{path}: key {key!r} has shape {value.shape}, the backbone needs {expected}")
-      if _is_kernel(var_path):
-        value = value.transpose(_OIHW_TO_HWIO)
-      filled[var_path] = jnp.asarray(value, dtype=target.dtype)
-    return traverse_util.unflatten_dict(filled)
+  missing = sorted((key for key in keys.values() if key not in arrays), key=_natural)
+  if missing:
+    hint = ""
+    if len(missing) == len(keys):
+      example = next((k for k in sorted(arrays) if not k.endswith(_IGNORED_TORCH_SUFFIX)), None)
+      hint = f"; the file has none of torchvision's ResNet names, its first key is {example!r}"
+    raise PretrainedWeightsError(
+        f"{path}: missing key {missing[0]!r} ({len(missing)} of the backbone's {len(keys)} tensors "
+        f"are missing{hint})")
 
-  new_params, new_stats = fill(params), fill(batch_stats)
-  used = {torchvision_key(p) for p in _flat_variables(params, batch_stats)}
-  unexpected = sorted(k for k in arrays if k not in used and k not in _IGNORED_TORCH_KEYS
-                      and not k.endswith(_IGNORED_TORCH_SUFFIX))
+  stage_sizes = _stage_sizes(params)
+  truncated = all(n <= full for n, full in zip(stage_sizes, RESNET50_STAGES))
+
+  def ignorable(key: str) -> bool:
+    if key in _IGNORED_TORCH_KEYS or key.endswith(_IGNORED_TORCH_SUFFIX):
+      return True
+    match = _TORCH_BLOCK.match(key)
+    if not truncated or not match:
+      return False
+    stage, block = int(match.group(1)) - 1, int(match.group(2))
+    return stage_sizes[stage] <= block < RESNET50_STAGES[stage]
+
+  used = set(keys.values())
+  unexpected = sorted((key for key in arrays if key not in used and not ignorable(key)), key=_natural)
   if unexpected:
     raise PretrainedWeightsError(
-        f"{path}: {len(unexpected)} keys the backbone has no variable for, e.g. {unexpected[:5]} "
-        "(does the file's depth match stage_sizes?)")
-  return new_params, new_stats
+        f"{path}: key {unexpected[0]!r} has no variable in the backbone of stage_sizes={stage_sizes} "
+        f"(unused keys: {len(unexpected)}; is the file a ResNet-50?)")
 
+  filled = {tree: {} for tree in trees}
+  for (tree, var_path), key in keys.items():
+    target, value = trees[tree][var_path], arrays[key]
+    expected = _torch_shape(var_path, target.shape)
+    if value.shape != expected:
+      raise PretrainedWeightsError(
+          f"{path}: key {key!r} has shape {value.shape}, the backbone needs {expected}")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise PretrainedWeightsError(f"{path}: key {key!r} has dtype {value.dtype}, not a float")
+    value = np.asarray(value, np.dtype(target.dtype))
+    if not np.isfinite(value).all():
+      raise PretrainedWeightsError(f"{path}: key {key!r} has non-finite values")
+    if _is_kernel(var_path):
+      value = value.transpose(_OIHW_TO_HWIO)
+    filled[tree][var_path] = jnp.asarray(value)
+  return (traverse_util.unflatten_dict(filled["params"]),
+          traverse_util.unflatten_dict(filled["batch_stats"]))

@@ -55,16 +55,18 @@ class UNetSegmenter(nn.Module):
   num_classes: int
   backbone_stages: Sequence[int] = resnet.RESNET50_STAGES
   dtype: Any = jnp.float32
+  base_width: int = resnet.RESNET50_WIDTH  # scales the encoder and the decoder
   spatial_level: str = "C3"
   spatial_channels: int = 7
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool, return_features: bool = False):
-    features = resnet.ResNet(self.backbone_stages, self.dtype, name="backbone")(images, train)
+    features = resnet.ResNet(self.backbone_stages, self.dtype, self.base_width, name="backbone")(images, train)
     x = features["C5"]
     for i, (channels, skip_name) in enumerate(zip(DECODER_CHANNELS, SKIPS)):
       skip = features[skip_name] if skip_name else None
       size = skip.shape[1:3] if skip is not None else images.shape[1:3]
+      channels = max(8, channels * self.base_width // resnet.RESNET50_WIDTH)
       x = DecoderBlock(channels, self.dtype, name=f"decoder{i}")(x, skip, size, train)
     logits = nn.Conv(self.num_classes, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                      name="classifier")(x).astype(jnp.float32)

@@ -9,22 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import threading
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from satsynth_jax import checkpoint, parallel
+from satsynth_jax import checkpoint, identity, parallel, workdir as layout
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.metric_writer import MetricWriter
 from satsynth_jax.train.state import TrainState
 
 
 class NonFiniteLossError(SatSynthError, FloatingPointError):
-  """Loss became NaN/inf; the message names the step and the last good checkpoint."""
+  """Loss became NaN/inf; the message names the step, where the run started and its newest checkpoint."""
 
 
 class TrainingInterrupted(SatSynthError, RuntimeError):
@@ -33,35 +36,100 @@ class TrainingInterrupted(SatSynthError, RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-  name: str  # checkpoint folder <workdir>/checkpoints/<name>/ and metrics file prefix
+  name: str  # the run: checkpoint folder <workdir>/checkpoints/<name>/ and metrics file prefix
   init: Callable[[jax.Array], TrainState]
   step: Callable[[TrainState, Any], tuple[TrainState, dict]]
   make_batches: Callable[[], Any]  # -> grain DatasetIterator of per-process NumPy batches
   preview: Callable[[TrainState, int], None] | None = None
+  # The run's identity (identity.py): the resolved config and the settings that shape the run,
+  # recorded beside its checkpoints; resuming under other shaping settings is refused.
+  config: Any = None
+  shaping: dict | None = None
 
 
 class _StopRequest:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps (then saves and stops)."""
+  """Turns SIGTERM/SIGINT into a stop at a step every process agrees on; the loop saves there and stops.
 
-  def __init__(self):
+  One process: a Python handler sets a flag the loop reads between steps (no extra cost).
+  Several processes: each sees only its own signal, and one stopping alone would leave the
+  others waiting in a collective, so the stop step must be agreed. jax.distributed.initialize
+  starts JAX's preemption sync manager, whose own handler catches SIGTERM and spreads the
+  notice; `reached_preemption_sync_point(step)`, a local check every step, then turns True on
+  every process at the same step (the largest step any process had reached, plus one).
+  Python must not take SIGTERM from it, so SIGINT is forwarded to it as a SIGTERM. Without
+  the sync manager (jax_enable_preemption_service=False) the processes all-gather their
+  flags at every step instead (a host sync per step: slower, but still agreed).
+  """
+
+  def __init__(self, start: int):
     self.signal_name: str | None = None
     self._previous = {}
+    self._mode = "local"
+    if jax.process_count() > 1:
+      self._mode = "jax" if _preemption_sync_available(start) else "allgather"
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      for sig in (signal.SIGTERM, signal.SIGINT):
+      signals = (signal.SIGINT,) if self._mode == "jax" else (signal.SIGTERM, signal.SIGINT)
+      for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):
     self.signal_name = signal.Signals(signum).name
+    if self._mode == "jax":
+      os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler owns SIGTERM: let it spread the notice
+
+  def reached(self, step: int) -> bool:
+    """Stop after `step`? The same answer on every process."""
+    if self._mode == "local":
+      return self.signal_name is not None
+    if self._mode == "jax":
+      return multihost_utils.reached_preemption_sync_point(step)
+    flags = multihost_utils.process_allgather(np.asarray([self.signal_name is not None], np.int32))
+    return bool(np.any(flags))
+
+  def describe(self) -> str:
+    if self._mode == "local":
+      return str(self.signal_name)
+    return (f"stop agreed by all {jax.process_count()} processes (SIGTERM or SIGINT on "
+            f"{'this one' if self.signal_name else 'one of them'})")
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
 
 
-def train(task: Task, t, workdir: str, *, seed: int, mesh: jax.sharding.Mesh | None = None) -> TrainState:
+def _preemption_sync_available(step: int) -> bool:
+  """Whether jax.distributed started its preemption sync manager (it raises RuntimeError if not)."""
+  try:
+    multihost_utils.reached_preemption_sync_point(step)
+  except RuntimeError:
+    return False
+  return True
+
+
+def compile_step(task: Task, mesh: jax.sharding.Mesh):
+  """The task's step jitted over `mesh`: state replicated and donated, batch split on the data axis.
+
+  The loop and the benchmarks both time this one program.
+  """
+  replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  return jax.jit(task.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
+                 donate_argnums=0)
+
+
+def init_state(task: Task, mesh: jax.sharding.Mesh, seed: int) -> TrainState:
+  """A fresh state, born replicated on `mesh`."""
+  return jax.jit(task.init, out_shardings=parallel.replicated(mesh))(jax.random.key(seed))
+
+
+def abstract_state(task: Task, mesh: jax.sharding.Mesh, seed: int):
+  """Shapes, dtypes and shardings of the task's state, without computing it (for restoring)."""
+  return checkpoint.abstract_like(jax.eval_shape(task.init, jax.random.key(seed)), parallel.replicated(mesh))
+
+
+def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """Run (or resume) `task` to `t.num_steps`; returns the final state.
 
   `t` is a train config section: batch_size (global), num_steps, log_every,
@@ -69,50 +137,67 @@ def train(task: Task, t, workdir: str, *, seed: int, mesh: jax.sharding.Mesh | N
   """
   mesh = mesh or parallel.make_mesh()
   parallel.per_process_batch_size(t.batch_size, "train.batch_size", mesh)
-  replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
   is_writer = jax.process_index() == 0
 
+  ckpt_dir = layout.checkpoint_dir(workdir, task.name)
+  # Inputs first (e.g. records of another num_classes are refused here): a run refused for its
+  # inputs must not leave a config.json that would then refuse the corrected command.
   batches = task.make_batches()
-  ckpt_dir = checkpoint.checkpoint_dir(workdir, task.name)
+  if task.shaping is not None:
+    identity.ensure(ckpt_dir, task.config, task.shaping, f"run {task.name!r}",
+                    f"train under another --workdir, or delete {ckpt_dir} to retrain", write=is_writer)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=t.keep_checkpoints)
+  resumed_from = None
   if mngr.latest_step() is not None:  # restore into shapes only: no init to compile or run
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-                            jax.eval_shape(task.init, jax.random.key(seed)))
-    state, _ = checkpoint.restore(mngr, abstract, data_iter=batches)
-    logging.info("%s: resumed from step %d (%s)", task.name, int(state.step), ckpt_dir)
+    # Verified on restore (checkpoint.py): a damaged step stops here, or is skipped with
+    # --allow_checkpoint_fallback; state.step is the step really restored.
+    state, _ = checkpoint.restore(mngr, abstract_state(task, mesh, seed), data_iter=batches)
+    resumed_from = int(state.step)
+    if resumed_from < mngr.latest_step():  # newer steps were skipped as damaged: keep them, out of the way
+      parallel.barrier(f"{task.name}_restored")  # every process has finished reading them
+      if is_writer:
+        for moved in checkpoint.set_aside(mngr, resumed_from):
+          logging.warning("%s: moved the damaged checkpoint aside to %s", task.name, moved)
+      parallel.barrier(f"{task.name}_set_aside")
+      mngr.reload()
+    logging.info("%s: resumed from step %d (%s)", task.name, resumed_from, ckpt_dir)
   else:
-    state = jax.jit(task.init, out_shardings=replicated)(jax.random.key(seed))
-  step_fn = jax.jit(task.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
-                    donate_argnums=0)
+    state = init_state(task, mesh, seed)
+  step_fn = compile_step(task, mesh)
 
-  writer = MetricWriter(f"{workdir}/metrics", task.name, enabled=is_writer)
   start = int(state.step)
+  # Logs past the restored step belong to a run that died before its next checkpoint: drop them.
+  writer = MetricWriter(layout.metrics_dir(workdir), task.name, enabled=is_writer, resume_step=start)
   bar = tqdm(total=t.num_steps, initial=start, desc=task.name, unit="step", disable=not is_writer,
              dynamic_ncols=True, mininterval=2.0)
   try:
-    with jax.set_mesh(mesh), _StopRequest() as stop:
+    with jax.set_mesh(mesh), _StopRequest(start) as stop:
       for step in range(start + 1, t.num_steps + 1):
         state, metrics = step_fn(state, parallel.to_global(next(batches), mesh))
         bar.update(1)
-        last = step == t.num_steps or stop.signal_name is not None
+        stopping = stop.reached(step)
+        last = step == t.num_steps or stopping
         save = last or step % t.checkpoint_every == 0
         if save or step % t.log_every == 0:  # fetch only here: the step stays asynchronous
           values = parallel.to_host(metrics)
           if not all(math.isfinite(float(v)) for v in values.values()):
+            newest = mngr.latest_step()
             raise NonFiniteLossError(
                 f"{task.name}: non-finite metrics at step {step}: {values}; stopped without saving. "
-                f"Last good checkpoint: step {mngr.latest_step()} in {ckpt_dir}. "
-                f"Lower train.lr or raise train.warmup_steps, then re-run to resume from it.")
+                f"This run {'started fresh' if resumed_from is None else f'resumed from step {resumed_from}'}; "
+                + (f"its newest checkpoint is step {newest} in {ckpt_dir} (verified when a re-run resumes from it). "
+                   if newest is not None else "no checkpoint was saved. ")
+                + "Lower train.lr or raise train.warmup_steps, then re-run.")
           writer.scalars(step, values)
           bar.set_postfix(loss=f"{float(values['loss']):.4f}", refresh=False)
         if save:
           checkpoint.save(mngr, step, state, batches, {"step": step, "task": task.name})
         if task.preview is not None and t.sample_every and (step % t.sample_every == 0 or last):
           task.preview(state, step)
-        if stop.signal_name is not None:
+        if stopping:
           mngr.wait_until_finished()
           raise TrainingInterrupted(
-              f"{task.name}: {stop.signal_name} at step {step}; checkpoint saved in {ckpt_dir}. "
+              f"{task.name}: {stop.describe()} at step {step}; checkpoint saved in {ckpt_dir}. "
               f"Re-run the same command to resume.")
   finally:
     bar.close()

@@ -1,10 +1,10 @@
-"""The segmenter (FPN or U-Net on a ResNet): model, masked cross-entropy step, `--mode=train_segmentation`.
+"""`--mode=train_segmentation`: train a segmenter run (FPN or U-Net on a ResNet) with masked cross-entropy.
 
-It trains on the real split D, or on D u D' when data.synthetic_ratio R > 0: the first
-R x |D| synthetic pairs join, mixed into every batch at data.synthetic_fraction (the
-pipeline oversamples the smaller set, as the paper does). Each (model, R) pair is its own
-run with its own checkpoints, `<workdir>/checkpoints/<model>_r<R>/`, so the paper's
-D vs D u D' comparison lives in one workdir.
+A run (segmenter.Run) trains on the real split D, or on D u D' when its synthetic ratio
+R > 0: the first R x |D| synthetic pairs join, mixed into every batch at
+data.synthetic_fraction (the pipeline oversamples the smaller set, as the paper does). Each
+run has its own checkpoints, `<workdir>/checkpoints/<run>/`, so the paper's D vs D u D'
+comparison lives in one workdir.
 """
 
 from __future__ import annotations
@@ -16,18 +16,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
-from satsynth_jax import checkpoint, parallel, sample
-from satsynth_jax.config_check import ConfigError
+from satsynth_jax import generator, identity, parallel, segmenter, workdir as layout
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.models import resnet
-from satsynth_jax.models.fpn import FPNSegmenter
-from satsynth_jax.models.unet_seg import UNetSegmenter
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
-
-MODELS = {"fpn": FPNSegmenter, "unet": UNetSegmenter}
 
 Backbone = tuple[dict, dict]  # (params, batch_stats) of the "backbone" submodule
 
@@ -36,51 +32,37 @@ class NotEnoughSyntheticDataError(SatSynthError, ValueError):
   """The synthetic set holds fewer than R x |D| pairs; the message names both counts and the folder."""
 
 
-def run_name(config) -> str:
-  """The run's checkpoint folder and metrics prefix, e.g. "fpn_r0" (real only) or "fpn_r3"."""
-  return f"{config.segmentation.model}_r{config.data.synthetic_ratio}"
-
-
-def make_model(config) -> nn.Module:
-  g = config.segmentation
-  if g.model not in MODELS:
-    raise ConfigError(f"config.segmentation.model={g.model!r}: must be one of {tuple(MODELS)}")
-  return MODELS[g.model](num_classes=config.data.num_classes,
-                         backbone_stages=tuple(int(n) for n in g.backbone_stages),
-                         dtype=jnp.dtype(config.dtype))
-
-
-def _init_variables(config, model: nn.Module, rng: jax.Array) -> dict:
-  size = config.data.image_size
-  return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+class SyntheticSizeError(SatSynthError, ValueError):
+  """Synthetic pairs of another size than the segmenter's input; the message says how to proceed."""
 
 
 def load_backbone(config, model: nn.Module) -> Backbone | None:
   """ImageNet weights for the backbone from segmentation.pretrained_path; None when it is unset."""
   path = config.segmentation.pretrained_path
   if not path:
+    logging.warning("the segmenter's backbone trains from scratch: set segmentation.pretrained_path to a "
+                    ".safetensors of torchvision ResNet-50 weights to start from ImageNet (README)")
     return None
-  if not os.path.isfile(path):
-    raise resnet.PretrainedWeightsError(
-        f"config.segmentation.pretrained_path={path!r}: no such file (write one with "
-        "tools/convert_torchvision_resnet50.py, or set it to '' to train from scratch)")
-  abstract = jax.eval_shape(functools.partial(_init_variables, config, model), jax.random.key(0))
-  return resnet.load_pretrained(abstract["params"]["backbone"], abstract["batch_stats"]["backbone"], path)
+  abstract = jax.eval_shape(functools.partial(segmenter.init_variables, model, pipeline.segmentation_size(config)),
+                            jax.random.key(0))
+  try:
+    return resnet.load_pretrained(abstract["params"]["backbone"], abstract["batch_stats"]["backbone"], path)
+  except resnet.PretrainedWeightsError as e:
+    raise resnet.PretrainedWeightsError(f"config.segmentation.pretrained_path: {e}") from e
 
 
-def init_state(config, model: nn.Module, rng: jax.Array, backbone: Backbone | None = None) -> TrainState:
+def init_state(model: nn.Module, size: int, t, rng: jax.Array, backbone: Backbone | None = None) -> TrainState:
   """Random init with BatchNorm statistics; the backbone's variables replaced by `backbone` if given.
 
   Under the loop's jit, given weights are captured as constants of this one-off program
   (about 100 MB for ResNet-50, well below JAX's 2 GB warning).
   """
-  variables = _init_variables(config, model, rng)
+  variables = segmenter.init_variables(model, size, rng)
   params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
   if backbone is not None:
     params["backbone"], batch_stats["backbone"] = backbone
-  tx, _ = optim.make_optimizer(config.segmentation.train)
-  return TrainState.create(params, tx, rng, ema_decay=config.segmentation.train.ema_decay,
-                           batch_stats=batch_stats)
+  tx, _ = optim.make_optimizer(t)
+  return TrainState.create(params, tx, rng, ema_decay=t.ema_decay, batch_stats=batch_stats)
 
 
 def masked_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int) -> tuple[jax.Array, jax.Array]:
@@ -117,60 +99,66 @@ def train_step(state: TrainState, batch, *, model: nn.Module, ignore_index: int,
   return state.apply_gradients(grads, batch_stats=batch_stats), metrics
 
 
-def training_data(config, workdir: str) -> tuple[str, str | None, int | None]:
-  """(real train folder, synthetic folder or None, synthetic pairs to use) for R = data.synthetic_ratio."""
-  d = config.data
-  real_dir = os.path.join(workdir, "data", "train")
-  ratio = d.synthetic_ratio
-  if ratio < 0:
-    raise ConfigError(f"config.data.synthetic_ratio={ratio}: must be >= 0 (0 trains on real data only)")
+def synthetic_source(config, workdir, ratio: int,
+                     synthetic_dir: str | os.PathLike | None) -> tuple[str | None, int | None, dict | None]:
+  """(synthetic folder or None, synthetic pairs to use, the set's identity) for a run with ratio R.
+
+  The set must hold R x |D| pairs at segmentation.image_size (or resize_synthetic must allow
+  resizing them), so resolution never changes silently between sampling and segmentation.
+  """
   if ratio == 0:
-    return real_dir, None, None
-  synthetic_dir = d.synthetic_dir or sample.synthetic_dir(workdir)
+    return None, None, None
+  real_dir = layout.data_dir(workdir, "train")
   num_real = records.read_manifest(real_dir)["num_examples"]
-  available = records.read_manifest(synthetic_dir)["num_examples"]
+  manifest = records.read_manifest(synthetic_dir)
+  available = manifest["num_examples"]
   needed = ratio * num_real
   if available < needed:
     raise NotEnoughSyntheticDataError(
         f"config.data.synthetic_ratio={ratio} needs {ratio} x {num_real} = {needed} synthetic pairs "
         f"({num_real} real pairs in {real_dir}), but {synthetic_dir} holds {available}; "
         f"run --mode=sample with sample.per_real >= {ratio}, or lower data.synthetic_ratio")
-  return real_dir, synthetic_dir, needed
+  size = records.PairSource(synthetic_dir)[0]["image"].shape[0]
+  wanted = pipeline.segmentation_size(config)
+  if size != wanted and not config.segmentation.resize_synthetic:
+    raise SyntheticSizeError(
+        f"{synthetic_dir}: synthetic pairs are {size}x{size} px but the segmenter's input is {wanted} px "
+        f"(segmentation.image_size; 0 = data.image_size); "
+        f"set segmentation.image_size={size}, sample at {wanted} px (sample.super_resolve / sr.image_size), or "
+        f"pass --config.segmentation.resize_synthetic=True to resize them")
+  recorded = identity.read(synthetic_dir)
+  set_identity = recorded["shaping"] if recorded else {"num_examples": available, "source": manifest["source"]}
+  return os.fspath(synthetic_dir), needed, set_identity
 
 
-def make_task(config, workdir: str, mesh, *, name: str | None = None) -> loop.Task:
-  """The loop's task for this config; `name` (default `run_name(config)`) is its checkpoint folder."""
-  g = config.segmentation
-  model = make_model(config)
-  real_dir, synthetic_dir, synthetic_count = training_data(config, workdir)
+def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> loop.Task:
+  """The loop's task for `run`; `synthetic_dir` is the set mixed in when run.synthetic_ratio > 0."""
+  t = config.segmentation.train
+  model = segmenter.build(config, run.architecture)
+  synthetic, synthetic_count, set_identity = synthetic_source(config, workdir, run.synthetic_ratio, synthetic_dir)
   backbone = load_backbone(config, model)
-  _, lr_schedule = optim.make_optimizer(g.train)
-  batch = parallel.per_process_batch_size(g.train.batch_size, "segmentation.train.batch_size", mesh)
+  _, lr_schedule = optim.make_optimizer(t)
+  batch = parallel.per_process_batch_size(t.batch_size, "segmentation.train.batch_size", mesh)
   return loop.Task(
-      name=name or run_name(config),
-      init=functools.partial(init_state, config, model, backbone=backbone),
+      name=run.name,
+      init=functools.partial(init_state, model, pipeline.segmentation_size(config), t, backbone=backbone),
       step=functools.partial(train_step, model=model, ignore_index=config.data.ignore_index,
                              lr_schedule=lr_schedule),
       make_batches=lambda: iter(pipeline.segmentation_batches(
-          config, real_dir, synthetic_dir, batch_size=batch, seed=config.seed, train=True,
+          config, layout.data_dir(workdir, "train"), synthetic, batch_size=batch, seed=run.seed, train=True,
           synthetic_fraction=config.data.synthetic_fraction, synthetic_count=synthetic_count)),
+      config=config,
+      shaping=segmenter.shaping(config, run, set_identity),
   )
 
 
-def restore_variables(config, workdir: str, mesh, step: int | None = None, *,
-                      name: str | None = None) -> tuple[nn.Module, dict, int]:
-  """(model, {"params", "batch_stats"} replicated on `mesh`, checkpoint step) of this config's run.
-
-  The params are the EMA weights when the run kept them. `step` None means the latest;
-  `name` (default `run_name(config)`) is the run's checkpoint folder.
-  """
-  model = make_model(config)
-  state, step = checkpoint.restore_for_inference(workdir, name or run_name(config),
-                                                 functools.partial(init_state, config, model), mesh, step)
-  return model, {"params": state.eval_params, "batch_stats": state.batch_stats}, step
-
-
-def run(config, workdir: str) -> None:
-  """--mode=train_segmentation: train this config's segmenter run, resuming from its last checkpoint."""
+def train_run(config, workdir, run: segmenter.Run, synthetic_dir=None) -> TrainState:
+  """Train (or resume) one segmenter run."""
   mesh = parallel.make_mesh()
-  loop.train(make_task(config, workdir, mesh), config.segmentation.train, workdir, seed=config.seed, mesh=mesh)
+  return loop.train(make_task(config, workdir, mesh, run, synthetic_dir), config.segmentation.train, workdir,
+                    seed=run.seed, mesh=mesh)
+
+
+def run(config, workdir) -> TrainState:
+  """--mode=train_segmentation: train this config's run (data.synthetic_ratio), resuming from its checkpoint."""
+  return train_run(config, workdir, segmenter.Run.from_config(config), generator.synthetic_dir(config, workdir))

@@ -11,7 +11,8 @@ import pathlib
 
 import ml_collections
 
-from satsynth_jax.data.sources import SPLITS, Inventory, Scene, SourceError, describe_names, pair_by_stem, require_dir
+from satsynth_jax.data.sources.scenes import (SPLITS, Inventory, Scene, SourceError, describe_names, pair_by_stem,
+                                              require_dir)
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 LAYOUT = "images/ + masks/, or {train,val}/{images,masks}/"

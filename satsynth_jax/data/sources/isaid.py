@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from satsynth_jax.data.sources import SPLITS, Inventory, Scene, describe_names, require_dir
+from satsynth_jax.data.sources.scenes import SPLITS, Inventory, Scene, describe_names, require_dir
 
 MASK_SUFFIX = "_instance_color_RGB"
 OTHER_SUFFIXES = (MASK_SUFFIX, "_instance_id_RGB")

@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-from satsynth_jax.data.sources import Inventory, Scene, describe_names, pair_by_stem, require_dir
+from satsynth_jax.data.sources.scenes import Inventory, Scene, describe_names, pair_by_stem, require_dir
 
 SPLIT_DIRS = (("train", "Train"), ("val", "Val"))
 DOMAINS = ("Urban", "Rural")

@@ -13,7 +13,7 @@ import pathlib
 
 import ml_collections
 
-from satsynth_jax.data.sources import SPLITS, Inventory, Scene, SourceError, describe_names, require_dir
+from satsynth_jax.data.sources.scenes import SPLITS, Inventory, Scene, SourceError, describe_names, require_dir
 
 LAYOUT = "<region>/images/<name>.tif, <region>/labels/<name>.tif and train.txt / val.txt"
 

@@ -1,0 +1,261 @@
+"""Inference for G and G_SR: build the U-Nets, generate / upsample (one sampler dispatch), decode, restore.
+
+G is the joint image+mask DDPM: its U-Net sees concat(image, label code) in [-1, 1]
+(labels.encode_pair). G_SR is the same U-Net at `sr.image_size`, conditioned at every step
+on G's pair upsampled (diffusion/conditioning.py); the cascade is (x, y) = G_SR(z1, G(z0)).
+Both share `config.diffusion`'s noise schedule and prediction target. Inference restores
+only the EMA weights a checkpoint stores for it (checkpoint.py), never an optimizer, and
+builds the model from the config recorded beside the run (identity.py), so sampling needs
+none of the overrides the model was trained with.
+
+Run names carry the paper's ablation axes, so Table 1 and Table 3 live side by side in one
+workdir: "diffusion" (eps prediction, bit labels, joint), "diffusion_x0", "diffusion_onehot",
+"diffusion_x0_onehot", "diffusion_image_only"; G_SR likewise ("super_resolution", ...). Any
+other setting that shapes a model (U-Net width, image size, schedule) is recorded and a
+run made with other values is refused, never silently reused.
+
+Training (train/diffusion.py, train/super_resolution.py) builds its models here too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from satsynth_jax import checkpoint, identity, labels, parallel, viz, workdir as layout
+from satsynth_jax.config_check import ConfigError
+from satsynth_jax.diffusion import conditioning, sampling, schedule
+from satsynth_jax.models.unet import UNet, unet_from_config
+
+SAMPLERS = ("ddpm", "ddim")
+# Settings that shape G (and, with the SR ones, G_SR): a run made with other values is refused.
+G_SHAPING = ("data.num_classes", "data.ignore_index", "data.label_encoding", "data.no_data_code",
+             "data.ignore_fill_class", "data.image_size", "diffusion.timesteps", "diffusion.beta_start",
+             "diffusion.beta_end", "diffusion.prediction", "diffusion.joint_labels", "diffusion.model")
+SR_SHAPING = G_SHAPING + ("sr.image_size", "sr.model")
+# Training settings that do not change what a run learns, or that a resumed run may extend.
+UNSHAPING_TRAIN_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
+                        "num_grid_samples", "grid_sampler_steps")
+
+
+def _ablation_suffix(config) -> str:
+  f = config.diffusion
+  parts = [f.prediction] if f.prediction != "eps" else []
+  if not f.joint_labels:
+    parts.append("image_only")
+  elif config.data.label_encoding != "bits":
+    parts.append(config.data.label_encoding)
+  return "".join(f"_{part}" for part in parts)
+
+
+def g_run(config) -> str:
+  """G's run name: "diffusion" plus its ablation axes (x0, onehot, image_only)."""
+  return "diffusion" + _ablation_suffix(config)
+
+
+def sr_run(config) -> str:
+  """G_SR's run name: "super_resolution" plus the same ablation axes as G."""
+  return "super_resolution" + _ablation_suffix(config)
+
+
+def train_shaping(config, section: str) -> dict:
+  """A train section's settings that shape the weights (all but num_steps and logging cadence)."""
+  values = identity.select(config, [section])
+  return {k: v for k, v in values.items() if k.rsplit(".", 1)[1] not in UNSHAPING_TRAIN_KEYS}
+
+
+def g_shaping(config) -> dict:
+  return {**identity.select(config, G_SHAPING), **train_shaping(config, "diffusion.train")}
+
+
+def sr_shaping(config) -> dict:
+  return {**identity.select(config, SR_SHAPING), **train_shaping(config, "sr.train")}
+
+
+def synthetic_set(config) -> str:
+  """The name of the set `--mode=sample` writes: G's run, plus "_cascade" when G_SR upsamples it."""
+  return g_run(config) + ("_cascade" if config.sample.super_resolve else "")
+
+
+def synthetic_dir(config, workdir):
+  """data.synthetic_dir when set, else <workdir>/synthetic/<synthetic_set(config)>."""
+  return config.data.synthetic_dir or layout.synthetic_dir(workdir, synthetic_set(config))
+
+
+def no_data_index(config) -> int | None:
+  """The mask value G's no-data code decodes to; None when the codec has none (data.no_data_code=False)."""
+  return config.data.ignore_index if config.data.no_data_code else None
+
+
+def joint_channels(config) -> int:
+  """Channels of G's (and G_SR's) samples: RGB plus the label code (none for the image-only baseline)."""
+  if not config.diffusion.joint_labels:
+    return 3
+  return 3 + labels.num_label_channels(config.data.num_classes, config.data.label_encoding,
+                                       ignore_index=no_data_index(config))
+
+
+def sr_factor(config) -> int:
+  """sr.image_size / data.image_size (config_check makes it an integer >= 2)."""
+  return config.sr.image_size // config.data.image_size
+
+
+def build_g(config) -> UNet:
+  return unet_from_config(config.diffusion.model, joint_channels(config), config.dtype)
+
+
+def build_sr(config) -> UNet:
+  return unet_from_config(config.sr.model, joint_channels(config), config.dtype)
+
+
+def make_schedule(config) -> schedule.Schedule:
+  d = config.diffusion
+  return schedule.linear_schedule(d.timesteps, d.beta_start, d.beta_end)
+
+
+def apply_fn(model: UNet):
+  """(params, x, t, *, train, rngs, cond) -> prediction: the signature the diffusion maths uses."""
+
+  def apply(params, x, t, *, train, rngs, cond):
+    return model.apply({"params": params}, x, t, cond=cond, train=train, rngs=rngs)
+
+  return apply
+
+
+def init_params(model: UNet, size: int, channels: int, rng: jax.Array, *, conditional: bool = False):
+  """Fresh U-Net params at size x size x channels; `conditional` adds G_SR's condition input."""
+  x = jnp.zeros((1, size, size, channels), jnp.float32)
+  return model.init(rng, x, jnp.zeros((1,), jnp.int32), cond=x if conditional else None)["params"]
+
+
+def _sample(denoise, sched, shape, rng, *, sampler: str, ddim_steps: int, ddim_eta: float, prediction: str,
+            sharding):
+  """The one sampler dispatch: ancestral DDPM over all T steps, or DDIM over `ddim_steps`."""
+  if sampler == "ddpm":
+    return sampling.sample_ddpm(denoise, sched, shape, rng, prediction=prediction, sharding=sharding)
+  if sampler == "ddim":
+    return sampling.sample_ddim(denoise, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta,
+                                prediction=prediction, sharding=sharding)
+  raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
+
+
+def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_steps: int = 50,
+                     ddim_eta: float = 0.0):
+  """Jitted (params, rng) -> G's joint samples [num, s, s, C] in [-1, 1], batch-sharded on `mesh`.
+
+  The whole reverse process runs inside one program (lax.scan over timesteps).
+  """
+  size = config.data.image_size
+  shape = (num, size, size, joint_channels(config))
+  sharding = parallel.batch_sharding(mesh)
+  run = functools.partial(_sample, sched=make_schedule(config), shape=shape, sampler=sampler,
+                          ddim_steps=ddim_steps, ddim_eta=ddim_eta, prediction=config.diffusion.prediction,
+                          sharding=sharding)
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
+
+  def generate(params, rng):
+    return run(sampling.make_denoise_fn(apply_fn(model), params), rng=rng)
+
+  return jax.jit(generate, out_shardings=sharding)
+
+
+def make_upsample_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_steps: int = 50,
+                     ddim_eta: float = 0.0):
+  """Jitted (params, rng, low-res joint [num, s, s, C]) -> high-res joint [num, S, S, C] in [-1, 1].
+
+  The cascade's second stage: the low-res pair (G's output or any joint pair in [-1, 1]) at
+  s = data.image_size becomes the condition (labels snapped to valid classes); S = sr.image_size.
+  """
+  d = config.data
+  factor = sr_factor(config)
+  channels = joint_channels(config)
+  size = config.sr.image_size
+  sharding = parallel.batch_sharding(mesh)
+  run = functools.partial(_sample, sched=make_schedule(config), shape=(num, size, size, channels),
+                          sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
+                          prediction=config.diffusion.prediction, sharding=sharding)
+  if sampler not in SAMPLERS:
+    raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
+
+  def upsample(params, rng, low_res_joint):
+    expected = (num, d.image_size, d.image_size, channels)
+    if low_res_joint.shape != expected:
+      raise ValueError(f"low-res joint has shape {low_res_joint.shape}, expected {expected}")
+    cond = conditioning.upsample_condition(low_res_joint, factor, d.num_classes, d.label_encoding,
+                                           ignore_index=no_data_index(config), rng=jax.random.fold_in(rng, 1))
+    cond = jax.lax.with_sharding_constraint(cond, sharding)
+    return run(sampling.make_denoise_fn(apply_fn(model), params, cond), rng=rng)
+
+  return jax.jit(upsample, out_shardings=sharding)
+
+
+def decode_samples(config, joint: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """Joint samples in [-1, 1] -> (uint8 images, masks) by labels.decode_pair's rule: the nearest
+  valid code (a class, or no-data with data.no_data_code), exact ties broken by `rng`.
+
+  The image-only baseline has no label channels: its masks are all no-data.
+  """
+  dtype = np.uint16 if config.data.num_classes > 255 else np.uint8
+  if not config.diffusion.joint_labels:
+    image = np.round(labels.from_signed(np.asarray(joint)) * 255.0).astype(np.uint8)
+    return image, np.full(image.shape[:-1], config.data.ignore_index, dtype)
+  image, mask = labels.decode_pair(np.asarray(joint), config.data.num_classes, config.data.label_encoding,
+                                   ignore_index=no_data_index(config), rng=rng)
+  return image, mask.astype(dtype)
+
+
+def sample_grid(config, images: np.ndarray, masks: np.ndarray, title: str, **kwargs):
+  """PNG-ready grid of pairs, each image beside its coloured mask."""
+  d = config.data
+  tile = max(96, int(images.shape[1]))
+  return viz.pair_grid(images, masks, d.palette, d.ignore_index, tile_size=tile, class_names=d.class_names,
+                       title=title, **kwargs)
+
+
+def trained_config(config, workdir, run: str):
+  """The config G's or G_SR's run `run` was trained with (recorded beside it), else `config` itself.
+
+  Inference builds models from it, so sampling needs none of the training overrides.
+  """
+  recorded = identity.recorded_config(layout.checkpoint_dir(workdir, run))
+  return recorded if recorded is not None else config
+
+
+def _missing_hint(workdir, run: str, mode: str) -> str:
+  """How to make the missing run, naming the runs of its kind the workdir does hold."""
+  parent = layout.checkpoint_dir(workdir, run).parent
+  kind = run.split("_")[0]
+  others = sorted(p.name for p in parent.glob(f"{kind}*") if p.is_dir()) if parent.is_dir() else []
+  hint = f"run --mode={mode} first"
+  if others:
+    hint += (f" (this workdir holds {', '.join(others)}; the run name follows diffusion.prediction, "
+             "data.label_encoding and diffusion.joint_labels)")
+  return hint
+
+
+def restore_g(config, workdir, mesh, step: int | None = None):
+  """(G's trained config, model, EMA params replicated on `mesh`, checkpoint step); step None/-1: latest."""
+  run = g_run(config)
+  config = trained_config(config, workdir, run)
+  model = build_g(config)
+  abstract = {"params": jax.eval_shape(functools.partial(
+      init_params, model, config.data.image_size, joint_channels(config)), jax.random.key(0))}
+  variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run), abstract, mesh, step,
+                                                 hint=_missing_hint(workdir, run, "train_diffusion"))
+  return config, model, variables["params"], step
+
+
+def restore_sr(config, workdir, mesh, step: int | None = None):
+  """(G_SR's trained config, model, EMA params replicated on `mesh`, checkpoint step)."""
+  run = sr_run(config)
+  config = trained_config(config, workdir, run)
+  model = build_sr(config)
+  abstract = {"params": jax.eval_shape(functools.partial(
+      init_params, model, config.sr.image_size, joint_channels(config), conditional=True), jax.random.key(0))}
+  variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run), abstract, mesh, step,
+                                                 hint=_missing_hint(workdir, run, "train_sr"))
+  return config, model, variables["params"], step

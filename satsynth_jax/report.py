@@ -1,0 +1,172 @@
+"""What a person reads: score tables, report pictures, training curves and the experiment's summary.md.
+
+Pure formatting of results other jobs computed (eval JSONs, sample-quality JSONs, metric
+logs); no model code. Pictures are PIL images the caller saves with viz.save_png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from satsynth_jax import viz
+
+PREVIEW_TILE = 128  # px per panel in the report; small patches are enlarged by an integer factor
+
+
+def percent(value) -> str:
+  """A score in [0, 1] as a percentage with two decimals; "n/a" for undefined (None or NaN)."""
+  if value is None or (isinstance(value, float) and math.isnan(value)):
+    return "n/a"
+  return f"{100 * value:.2f}"
+
+
+def _enlarge(picture: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour enlargement: shows the true pixels of small patches."""
+  return np.repeat(np.repeat(picture, factor, axis=0), factor, axis=1)
+
+
+def report_picture(config, preview: dict[str, np.ndarray], scores: dict[str, float], title: str) -> Image.Image:
+  """Rows of image | ground truth | prediction, the class legend, and a per-class IoU bar chart."""
+  d = config.data
+  factor = max(1, PREVIEW_TILE // preview["image"].shape[1])
+  gap = np.full((preview["image"].shape[1] * factor, 4, 3), 255, np.uint8)
+  rows = []
+  for image, mask, pred in zip(preview["image"], preview["mask"], preview["pred"]):
+    image, truth, predicted = (_enlarge(panel, factor) for panel in (
+        image, viz.colorize(mask, d.palette, d.ignore_index), viz.colorize(pred, d.palette, d.ignore_index)))
+    rows.append(np.concatenate([image, gap, truth, gap, predicted], axis=1))
+  grid = viz.image_grid(rows, columns=2, pad=8)
+  has_ignore = bool(np.any(preview["mask"] == d.ignore_index))
+  examples = viz.stack([grid, viz.legend(d.class_names, d.palette, grid.width, with_ignore=has_ignore)])
+  ious = [scores[f"iou/{name}"] for name in d.class_names]
+  chart = viz.bar_chart([0.0 if math.isnan(v) else v for v in ious],
+                        [f"{name} (absent)" if math.isnan(v) else name for name, v in zip(d.class_names, ious)],
+                        f"per-class IoU (mIoU {scores['miou']:.3f})", colors=d.palette, value_label="IoU",
+                        value_format=lambda v: f"{v:.3g}", width=max(600, grid.width))
+  return viz.titled(viz.stack([viz.titled(examples, "image | ground truth | prediction", size=14), chart]), title)
+
+
+def score_table(scores: dict[str, float], class_names: Sequence[str]) -> str:
+  """Per-class IoU and F1 in percent, then the means (without background too, when scored)."""
+  width = max(len(name) for name in [*class_names, "mean w/o background"])
+  lines = [f"  {'class':<{width}}  {'IoU %':>7}  {'F1 %':>7}"]
+  for name in class_names:
+    lines.append(f"  {name:<{width}}  {percent(scores[f'iou/{name}']):>7}  {percent(scores[f'f1/{name}']):>7}")
+  lines.append(f"  {'mean':<{width}}  {percent(scores['miou']):>7}  {percent(scores['mf1']):>7}")
+  if "miou_no_background" in scores:
+    lines.append(f"  {'mean w/o background':<{width}}  {percent(scores['miou_no_background']):>7}  "
+                 f"{percent(scores['mf1_no_background']):>7}")
+  return "\n".join(lines)
+
+
+def class_frequency_chart(config, manifests: Mapping[str, dict], title: str) -> Image.Image:
+  """Per-class pixel fractions of several record sets (e.g. real vs synthetic), log scale."""
+  fractions = {name: np.asarray(m["class_pixels"], np.float64) / max(1, sum(m["class_pixels"]))
+               for name, m in manifests.items()}
+  return viz.grouped_bar_chart(fractions, list(config.data.class_names), title=title, log=True)
+
+
+def read_jsonl(path) -> list[dict]:
+  """The records of a JSON-lines metrics log (MetricWriter); [] when it does not exist."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+  except FileNotFoundError:
+    return []
+
+
+def training_curves(logs: Mapping[str, Sequence[dict]], key: str = "loss", title: str = "") -> Image.Image:
+  """One line per run of `key` against step, from MetricWriter's JSON-lines records."""
+  series = {name: ([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r])
+            for name, rows in logs.items()}
+  series = {name: xy for name, xy in series.items() if xy[0]}
+  return viz.line_chart(series, title or f"training {key}", x_label="step", y_label=key, log_y=True)
+
+
+def mean_and_stderr(values: Sequence[float | None]) -> tuple[float, float, int]:
+  """(mean, standard error of the mean, n) over the defined values; stderr is NaN for n < 2."""
+  defined = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
+  n = defined.size
+  if n == 0:
+    return math.nan, math.nan, 0
+  stderr = float(defined.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+  return float(defined.mean()), stderr, n
+
+
+def mean_pm(values: Sequence[float | None]) -> str:
+  """"52.13 ± 0.21" in percent (mean ± standard error over seeds); one value alone has no ±."""
+  mean, stderr, n = mean_and_stderr(values)
+  if n == 0:
+    return "n/a"
+  return percent(mean) if n < 2 else f"{percent(mean)} ± {100 * stderr:.2f}"
+
+
+def _format_seconds(seconds: float) -> str:
+  minutes, secs = divmod(int(round(seconds)), 60)
+  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None]]],
+                     quality: Mapping[str, dict], stage_seconds: Mapping[str, float],
+                     others: Mapping[str, tuple[int, Sequence[dict]]] | None = None) -> str:
+  """The experiment's summary: per arm mean ± standard error over seeds, per-class IoU, sample quality, times.
+
+  `evals` maps an arm label to (R, the eval JSON of each of its seeds' runs; None if missing);
+  `others` the same for runs this config did not ask for (earlier ablations in the workdir).
+  """
+  d, g = config.data, config.segmentation
+  names = list(d.class_names)
+  background = d.background_index >= 0
+  header = ["train on", "R", "seeds", "mIoU", "mF1"] + (["mIoU w/o bg"] if background else [])
+  header += [f"IoU {n}" for n in names]
+  lines = [
+      f"# SatSynth experiment: {d.format}, {g.architecture.upper()} segmenter",
+      "",
+      f"Generator: {config.diffusion.train.num_steps} steps ({config.diffusion.prediction} prediction, "
+      f"{d.label_encoding} labels); {config.sample.per_real} synthetic pair(s) per real pair "
+      f"({config.sample.sampler}{', through G_SR to ' + str(config.sr.image_size) + ' px' if config.sample.super_resolve else ''}); "
+      f"segmenter: {g.train.num_steps} steps at {g.image_size or d.image_size}px, backbone "
+      f"{'from ImageNet weights (' + g.pretrained_path + ')' if g.pretrained_path else 'trained from scratch'}. "
+      "Scores on the val split (%): mean ± standard error over seeds.",
+      "",
+      "| " + " | ".join(header) + " |",
+      "|" + "---|" * len(header),
+  ]
+  def table_row(label, ratio, rows):
+    scores = [row["scores"] for row in rows if row is not None]
+
+    def column(key):
+      return mean_pm([s.get(key) for s in scores])
+
+    cells = [label, str(ratio), str(len(scores)), column("miou"), column("mf1")]
+    cells += [column("miou_no_background")] if background else []
+    cells += [column(f"iou/{n}") for n in names]
+    return "| " + " | ".join(cells) + " |"
+
+  lines += [table_row(label, ratio, rows) for label, (ratio, rows) in evals.items()]
+  if others:
+    lines += ["", "Other segmenter runs in this workdir (earlier ablations, by run name):", "",
+              "| " + " | ".join(["run"] + header[1:]) + " |", "|" + "---|" * len(header)]
+    lines += [table_row(f"`{group}`", ratio, rows) for group, (ratio, rows) in others.items()]
+  if quality:
+    lines += ["", "Sample quality (features of the metric encoder, a U-Net segmenter trained on the real train",
+              "split; compare numbers only under the same encoder id):", "",
+              "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | metric encoder |", "|---|---|---|---|---|---|"]
+    for label, q in quality.items():
+      lines.append(f"| {label} | {q['fid']:.3f} | {q['sfid']:.3f} | {q['is']['mean']:.3f} | "
+                   f"{percent(q['label_fidelity_miou'])} | `{q['metric_encoder']}` |")
+  if stage_seconds:
+    total = sum(t["seconds"] for t in stage_seconds.values())
+    compiling = sum(t["compile_seconds"] for t in stage_seconds.values())
+    lines += ["", f"Stage times (wall clock of each stage's last run, of which compiling; {_format_seconds(total)} "
+              f"in all, {_format_seconds(compiling)} compiling): "
+              + ", ".join(f"{name} {_format_seconds(t['seconds'])} ({_format_seconds(t['compile_seconds'])})"
+                          for name, t in stage_seconds.items()) + "."]
+  lines += ["", "Pictures: `report/eval_*.png` (predictions), `samples/synthetic_grid.png`,",
+            "`report/class_frequency_real_vs_synthetic.png`, `report/prepare_*.png`.", ""]
+  return "\n".join(lines)

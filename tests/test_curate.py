@@ -1,0 +1,343 @@
+"""Curation: the pixel filter on a hand-built pool, fidelity drops, selection (never reading val), the curated set.
+
+Most tests use a scorer whose logits are read off the image (channel 0 encodes the true class),
+so which pixels are wrong is known exactly; one runs the real restore path on random weights
+saved like test_evaluate.py's, over a tiny prepared demo.
+"""
+
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import load_config
+from satsynth_jax import checkpoint, config_check, curate, generator, identity, segmenter, workdir as layout
+from satsynth_jax.data import prepare, records
+from satsynth_jax.train import segmentation
+from test_train_segmentation import TINY, random_variables
+
+K = 6  # the demo's classes
+IGNORE = 255
+
+
+# ---- the pure maths ----
+
+
+def _one_hot_logits(labels: np.ndarray, scale: float = 5.0) -> np.ndarray:
+  """Logits confident in `labels`: every agreeing pixel has the same small loss, so only errors stand out
+  (with noisy logits the rule also trims each class's upper tail: mean + std is not a clean cut)."""
+  return scale * np.eye(K, dtype=np.float32)[labels]
+
+
+def _hand_built_pool():
+  """4 pairs of 8x8: masks right everywhere except a 2x2 square of pair 2, labelled 1 where the image shows 0."""
+  truth = np.zeros((4, 8, 8), np.int64)
+  truth[:, :, 4:] = 1
+  truth[1, :4, :4] = 2
+  truth[3, 4:, :] = 3
+  truth[0, 0, 0] = 4  # a lone pixel of a class seen nowhere else: its std is 0, it must stay
+  masks = truth.copy()
+  masks[2, 2:4, 2:4] = 1  # the generator claims class 1 where the image shows class 0
+  masks[3, 0, :] = IGNORE  # no-data stays no-data and never counts
+  region = np.zeros_like(masks, bool)
+  region[2, 2:4, 2:4] = True
+  return _one_hot_logits(truth), masks, region
+
+
+def test_pixel_filter_ignores_exactly_the_wrong_region():
+  logits, masks, region = _hand_built_pool()
+  loss, pred = jax.device_get(curate.pixel_losses(jnp.asarray(logits), jnp.asarray(masks), IGNORE))
+  assert np.all(loss[masks == IGNORE] == 0) and np.array_equal(pred, logits.argmax(-1))
+  moments = curate.class_loss_moments(loss, masks, K, IGNORE)
+  assert moments[0].sum() == (masks != IGNORE).sum()
+  thresholds = curate.class_thresholds(moments, tolerance=1.0)
+  assert np.isinf(thresholds[5])  # no pool pixel of class 5: nothing to filter
+  keep = curate.keep_mask(loss, masks, thresholds, IGNORE)
+  np.testing.assert_array_equal(~keep & (masks != IGNORE), region)
+  assert not keep[masks == IGNORE].any()
+  # Mapped back to 16 px records (the scorer saw 8 px): the square becomes the 4x4 it came from.
+  record_mask = np.repeat(np.repeat(masks[2], 2, 0), 2, 1).astype(np.uint8)
+  filtered = curate.filtered_mask(record_mask, keep[2], IGNORE)
+  expected = record_mask.copy()
+  expected[4:8, 4:8] = IGNORE
+  np.testing.assert_array_equal(filtered, expected)
+
+
+def test_thresholds_are_mean_plus_tolerance_std_per_class():
+  loss = np.array([[[1.0, 3.0, 10.0, 10.0]]])
+  mask = np.array([[[0, 0, 1, IGNORE]]])
+  moments = curate.class_loss_moments(loss, mask, 3, IGNORE)
+  np.testing.assert_allclose(moments, [[2, 1, 0], [4, 10, 0], [10, 100, 0]])
+  thresholds = curate.class_thresholds(moments, tolerance=0.5)
+  np.testing.assert_allclose(thresholds[:2], [2.0 + 0.5 * 1.0, 10.0], rtol=1e-5)
+  assert np.isinf(thresholds[2])
+  # Equal losses never fall above their own mean by rounding.
+  same = np.full((1, 7, 7), 0.1, np.float32)
+  keep = curate.keep_mask(same, np.zeros((1, 7, 7), int), curate.class_thresholds(
+      curate.class_loss_moments(same, np.zeros((1, 7, 7), int), 2, IGNORE), 0.0), IGNORE)
+  assert keep.all()
+
+
+def test_fidelity_is_the_agreeing_share_of_labelled_pixels():
+  _, masks, _ = _hand_built_pool()
+  pred = masks.copy()
+  pred[pred == IGNORE] = 0
+  pred[1, :6] = 5  # pair 1: 48 of 64 pixels wrong
+  fidelity = curate.label_fidelity(pred, masks, IGNORE)
+  np.testing.assert_allclose(fidelity, [1.0, 16 / 64, 1.0, 1.0])
+  assert np.isnan(curate.label_fidelity(pred[:1], np.full((1, 8, 8), IGNORE), IGNORE)[0])
+
+
+# ---- selection ----
+
+
+def test_selection_is_exact_deterministic_and_without_replacement():
+  candidates = np.arange(3, 40, 2)
+  scores = np.linspace(0.0, 1.0, len(candidates))
+  for mode in config_check.CURATION_SELECTIONS:
+    first = curate.select(candidates, 9, mode, scores, seed=3)
+    assert len(first) == len(set(first)) == 9 and set(first) <= set(candidates)
+    np.testing.assert_array_equal(first, curate.select(candidates, 9, mode, scores, seed=3))
+    assert not np.array_equal(first, curate.select(candidates, 9, mode, scores, seed=4))
+  everything = curate.select(candidates, len(candidates), "hard_rare", np.zeros(len(candidates)), seed=0)
+  np.testing.assert_array_equal(everything, candidates)  # zero scores still fill the count
+  with pytest.raises(ValueError):
+    curate.select(candidates, len(candidates) + 1, "uniform", None, seed=0)
+
+
+def test_hard_rare_favours_pairs_with_the_rare_hard_class():
+  """100 pairs, 10 with a rare class that the scorer finds hard: hard_rare picks them far more often."""
+  class_pixels = np.array([9000, 900, 100])  # train frequencies: class 2 is rare
+  class_loss = np.array([0.1, 0.2, 1.0])  # and hard
+  weights = curate.class_weights(class_loss, class_pixels)
+  assert weights.argmax() == 2 and np.isclose(weights.sum(), 1.0)
+  assert curate.class_weights(class_loss, [10, 0, 10])[1] == 0  # absent from train: no weight
+  kept = np.tile([[200, 56, 0]], (100, 1))
+  kept[:10] = [200, 26, 30]  # the pairs with the rare class
+  scores = curate.pair_scores(kept, weights)
+  counts = {mode: np.mean([np.sum(curate.select(np.arange(100), 20, mode, scores, seed) < 10) for seed in range(200)])
+            for mode in config_check.CURATION_SELECTIONS}
+  assert 1.5 < counts["uniform"] < 2.5  # 20 x 10 / 100 = 2 expected
+  assert counts["hard_rare"] > 2 * counts["uniform"]
+
+
+# ---- the job, with a scorer that reads the class off the image ----
+
+
+class ImageScorer:
+  """Logits peak at the class channel 0 of the image encodes (value 40 c + 20); no weights to train."""
+
+  def apply(self, variables, image, train=False):
+    value = image[..., :1] * 255.0
+    centres = 40.0 * jnp.arange(K, dtype=jnp.float32) + 20.0
+    return -jnp.square((value - centres) / 10.0) * variables["params"]["sharpness"]
+
+
+def _image_of(truth: np.ndarray) -> np.ndarray:
+  image = np.zeros(truth.shape + (3,), np.uint8)
+  image[..., 0] = 40 * truth + 20
+  image[..., 1] = 90
+  return image
+
+
+def _write(directory, pairs, config, prefix: str) -> dict:
+  return records.write_records(
+      directory, (records.Pair(image=_image_of(truth), mask=mask.astype(np.uint8), id=f"{prefix}_{i:03d}",
+                               source="synthetic:7", num_classes=K) for i, (truth, mask) in enumerate(pairs)),
+      num_classes=K, class_names=list(config.data.class_names), source="synthetic:7", examples_per_shard=3)
+
+
+def _truth(i: int, size: int = 16) -> np.ndarray:
+  """Blocks of 4 px, a class per block, varied per pair; class 5 (vehicle) only in pair 0."""
+  blocks = (np.arange(16).reshape(4, 4) + i) % 5
+  if i == 0:
+    blocks[0, 0] = 5
+  return np.repeat(np.repeat(blocks, size // 4, 0), size // 4, 1)
+
+
+@pytest.fixture()
+def image_scored(tmp_path, monkeypatch):
+  """A workdir with 4 real train pairs and a 10-pair pool (R=2: 8 kept), scored at 8 px by ImageScorer.
+
+  Pool pair 1 is wrong in one 4x4 square, pair 2 is mostly wrong, pair 3 is all no-data; the
+  val split does not exist.
+  """
+  config = load_config("demo", **{"data.image_size": 16, "segmentation.image_size": 8,
+                                  "segmentation.eval_batch_size": 4, "sample.per_real": 2,
+                                  "sample.examples_per_shard": 3, "curation.selection": "uniform",
+                                  "curation.pixel_tolerance": 1.0, "curation.min_fidelity": 0.5})
+  workdir = str(tmp_path / "work")
+  _write(layout.data_dir(workdir, "train"), [(_truth(i), _truth(i)) for i in range(4)], config, "real")
+  pool = []
+  for i in range(10):
+    truth = _truth(i)
+    mask = truth.copy()
+    if i == 1:  # class 2 in the image, class 0 in the mask (a loss far above class 0's spread)
+      assert np.all(truth[4:8, 8:12] == 2)
+      mask[4:8, 8:12] = 0
+    if i == 2:  # 3/4 of the pair off by one class: low fidelity, small losses
+      mask[:12] = np.where(truth[:12] < 4, truth[:12] + 1, 3)
+    if i == 3:
+      mask[:] = IGNORE
+    pool.append((truth, mask))
+  pool_dir = layout.synthetic_dir(workdir, "pool")
+  _write(pool_dir, pool, config, "pool")
+  identity.record(pool_dir, config, {"generator": "test", "requested": 10})
+  variables = {"params": {"sharpness": np.float32(1.0)}}
+  monkeypatch.setattr(segmenter, "restore", lambda config, workdir, run, mesh: (ImageScorer(), variables, 7))
+  return config, workdir, pool_dir, pool
+
+
+def _by_id(directory) -> dict:
+  source = records.PairSource(directory)
+  return {pair["id"]: pair for pair in (source[i] for i in range(len(source)))}
+
+
+def test_curated_set_filters_the_wrong_square_and_drops_bad_pairs(image_scored, monkeypatch, capsys):
+  config, workdir, pool_dir, pool = image_scored
+  out_dir = layout.synthetic_dir(workdir, "pool_curated")
+  run = segmenter.Run.metric_encoder(config)
+  manifest = curate.curate_set(config, workdir, pool_dir, out_dir, run)
+  assert manifest["num_examples"] == 8 and manifest["pool_size"] == 10
+  assert manifest["dropped_pairs_fidelity"] == 1 and manifest["dropped_pairs_empty"] == 1
+  assert manifest["survivors"] == 8 and manifest["selection"] == "uniform"
+  curated = _by_id(out_dir)
+  assert sorted(curated) == [f"pool_{i:03d}" for i in (0, 1, 4, 5, 6, 7, 8, 9)]
+  for name, pair in curated.items():
+    truth, mask = pool[int(name[-3:])]
+    np.testing.assert_array_equal(pair["image"], _image_of(truth))
+    expected = mask.copy()
+    if name == "pool_001":
+      expected[4:8, 8:12] = IGNORE  # exactly the wrong square, mapped back from 8 px to 16 px
+    np.testing.assert_array_equal(pair["mask"], expected)
+  assert manifest["ignored_pixels"] == 16 and manifest["labelled_pixels_before"] == 8 * 256
+  assert manifest["scorer"].startswith("metric_encoder@7:")
+  recorded = identity.read(out_dir)["shaping"]
+  assert recorded["scorer"] == manifest["scorer"] and recorded["pool"] == {"generator": "test", "requested": 10}
+  assert os.path.isfile(layout.report_path(workdir, "class_frequency_curation.png"))
+  assert "8 of 10 pool pairs kept" in capsys.readouterr().out
+  # Recorded but unfinished (the manifest is written before config.json, and rewritten with the counts):
+  # the next run curates again, to the same set.
+  os.remove(os.path.join(out_dir, records.MANIFEST))
+  assert curate.curate_set(config, workdir, pool_dir, out_dir, run) == manifest
+  # Stricter settings into another folder: too few survive, and the error says which settings to relax.
+  config.curation.min_fidelity = 1.0
+  with pytest.raises(curate.CurationError, match=r"kept 7 of 10 .*curation.min_fidelity=1.0.*pool_factor"):
+    curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "strict"), run)
+
+
+def test_a_pool_smaller_than_r_times_d_is_refused(image_scored):
+  config, workdir, pool_dir, _ = image_scored
+  config.sample.per_real = 3
+  run = segmenter.Run.metric_encoder(config)
+  with pytest.raises(curate.CurationError, match=r"holds 10 pairs .* = 12"):
+    curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "c"), run)
+
+
+# ---- end to end on a tiny prepared demo, through the real restore path ----
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+  """The tiny demo prepared (4 train patches of 16 px), random weights saved as step 5 of the R=0 run,
+  and a 12-pair pool written where --mode=sample puts the config's set."""
+  workdir = str(tmp_path_factory.mktemp("curate"))
+  config = load_config("demo", **{**TINY, "sample.per_real": 2, "sample.examples_per_shard": 5,
+                                  "curation.min_fidelity": 0.0, "curation.selection": "hard_rare"})
+  prepare.run(config, workdir)
+  run = curate.scorer_run(config)
+  assert run.name == "unet_r0_s0"
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, 16, 0))
+    state = segmentation.init_state(segmenter.build(config, "unet"), 16, config.segmentation.train, jax.random.key(0))
+  mngr = checkpoint.manager(layout.checkpoint_dir(workdir, run.name))
+  checkpoint.save(mngr, 5, state)
+  mngr.wait_until_finished()
+  rng = np.random.default_rng(0)
+  pool_dir = generator.synthetic_dir(config, workdir)
+  pairs = []
+  for i in range(12):
+    mask = np.repeat(np.repeat(rng.integers(0, K, (4, 4)), 4, 0), 4, 1).astype(np.uint8)
+    if i == 0:
+      mask[:2] = IGNORE
+    pairs.append(records.Pair(image=rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), mask=mask,
+                              id=f"synthetic_{i:07d}", source="synthetic:3", num_classes=K))
+  records.write_records(pool_dir, pairs, num_classes=K, class_names=list(config.data.class_names),
+                        source="synthetic:3", examples_per_shard=5)
+  identity.record(pool_dir, config, {"generator": "diffusion_x0", "requested": 12})
+  return config, workdir, pool_dir
+
+
+def _forbid_val(monkeypatch, workdir):
+  """Any read of the val split fails the test; the folder is also moved away."""
+  val = str(layout.data_dir(workdir, "val"))
+  shutil.move(val, val + "_hidden")
+
+  def guard(fn):
+    def guarded(directory, *args, **kwargs):
+      assert not str(directory).startswith(val), f"curation read the val split: {directory}"
+      return fn(directory, *args, **kwargs)
+    return guarded
+
+  monkeypatch.setattr(records, "read_manifest", guard(records.read_manifest))
+  monkeypatch.setattr(records, "PairSource", guard(records.PairSource))
+  return lambda: shutil.move(val + "_hidden", val)
+
+
+def test_demo_curation_end_to_end_without_reading_val(demo, monkeypatch):
+  config, workdir, pool_dir = demo
+  restore_val = _forbid_val(monkeypatch, workdir)
+  try:
+    manifest = curate.run(config, workdir)
+  finally:
+    restore_val()
+  out_dir = curate.curated_dir(config, workdir)
+  assert out_dir.name == "diffusion_x0_curated"
+  assert manifest == records.read_manifest(out_dir)
+  assert manifest["num_examples"] == 2 * 4 and manifest["selection"] == "hard_rare"
+  assert manifest["survivors"] == 12 - manifest["dropped_pairs_fidelity"] - manifest["dropped_pairs_empty"]
+  assert len(manifest["class_weights"]) == K and np.isclose(sum(manifest["class_weights"]), 1.0)
+  # The drop counts are those of the written masks.
+  pool, curated = _by_id(pool_dir), _by_id(out_dir)
+  labelled = ignored = 0
+  for name, pair in curated.items():
+    before = pool[name]["mask"]
+    np.testing.assert_array_equal(pair["image"], pool[name]["image"])
+    assert np.all((pair["mask"] == before) | (pair["mask"] == IGNORE))
+    labelled += int((before != IGNORE).sum())
+    ignored += int(((before != IGNORE) & (pair["mask"] == IGNORE)).sum())
+  assert (manifest["labelled_pixels_before"], manifest["ignored_pixels"]) == (labelled, ignored)
+  assert sum(manifest["class_pixels"]) == labelled - ignored
+  recorded = identity.read(out_dir)
+  assert recorded["shaping"]["scorer"].startswith("unet_r0_s0@5:") and recorded["shaping"]["count"] == 8
+  assert curate.is_curated(config, workdir, pool_dir, out_dir)
+  assert os.path.isfile(layout.report_path(workdir, "class_frequency_curation.png"))
+
+  # A rerun is a no-op: nothing is scored or written.
+  monkeypatch.setattr(curate, "pool_statistics", lambda *a, **k: pytest.fail("a finished set was scored again"))
+  monkeypatch.setattr(records, "write_records", lambda *a, **k: pytest.fail("a finished set was written again"))
+  assert curate.run(config, workdir) == manifest
+  # Other settings: refused in one line naming the key.
+  other = config.copy_and_resolve_references()
+  other.curation.pixel_tolerance = 2.0
+  with pytest.raises(identity.SettingsMismatchError, match=r"curation.pixel_tolerance: 1.0 -> 2.0"):
+    curate.run(other, workdir)
+  with pytest.raises(identity.SettingsMismatchError):
+    curate.is_curated(other, workdir, pool_dir, out_dir)
+
+
+def test_config_check_names_bad_curation_settings():
+  config = load_config("demo")
+  config_check.validate(config, mode="curate")
+  for key, value, message in (("pool_factor", 0, "curation.pool_factor=0"), ("scorer", "val", "curation.scorer='val'"),
+                              ("min_fidelity", 1.5, "curation.min_fidelity=1.5"),
+                              ("selection", "hard", "curation.selection='hard'")):
+    bad = load_config("demo", **{f"curation.{key}": value})
+    with pytest.raises(config_check.ConfigError, match=message):
+      config_check.validate(bad, mode="curate")
+  crop = load_config("demo", **{"data.resize": "crop", "segmentation.image_size": 16})
+  with pytest.raises(config_check.ConfigError, match="data.resize='crop'"):
+    config_check.validate(crop, mode="curate")

@@ -169,11 +169,14 @@ def _cpu(c) -> None:
   # eps prediction still drifts in colour.
   f.prediction = "x0"
   f.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))
-  f.train.update(batch_size=32, num_steps=800, lr=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
-                 checkpoint_every=200, sample_every=400)
-  c.sample.update(per_real=2, sampler="ddim", ddim_steps=50, batch_size=128, examples_per_shard=128)
+  f.train.update(batch_size=32, num_steps=700, lr=1e-3, warmup_steps=100, ema_decay=0.995, log_every=50,
+                 checkpoint_every=100, sample_every=350)
+  c.sample.update(per_real=2, sampler="ddim", ddim_steps=25, batch_size=128, examples_per_shard=128)
   g = c.segmentation
-  g.backbone_stages = (1, 1, 1, 1)  # a ResNet-14 instead of -50: same code, CPU-sized
+  # A ResNet-14 at a quarter of ResNet-50's widths: the same code, sized for 32 px toy scenes on a CPU
+  # (a 100 ms train step here instead of 2.4 s).
+  g.backbone_stages = (1, 1, 1, 1)
+  g.base_width = 16
   g.train.update(batch_size=32, num_steps=400, lr=1e-3, warmup_steps=40, log_every=50, checkpoint_every=200)
   g.eval_batch_size = 32
   r = c.sr

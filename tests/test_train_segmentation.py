@@ -31,6 +31,7 @@ TINY = {
     "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
     "data.augment": False, "data.read_threads": 2,
     "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+    "segmentation.base_width": 64,  # ResNet-50's widths: the ones torchvision weights fit
     "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 30, "segmentation.train.lr": 3e-3,
     "segmentation.train.schedule": "constant", "segmentation.train.warmup_steps": 0,
     "segmentation.train.log_every": 10, "segmentation.train.checkpoint_every": 15,

@@ -84,8 +84,12 @@ def _parse_flags(argv):
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override names a missing key
     fail(_unknown_key_message(e, argv) or f"bad command line: {e}")
-  except flags.Error as e:  # absl: unparsable value, unknown flag
-    fail(f"bad command line: {e}")
+  except flags.Error as e:  # absl: unparsable value, unknown flag, a config file's get_config failing
+    text = str(e)
+    if "Traceback" in text:  # the config file raised: keep the flag and its own last line, not the stack
+      lines = [line.strip() for line in text.splitlines() if line.strip()]
+      text = f"{lines[0].rstrip(':')}: {lines[-1]}"
+    fail(f"bad command line: {' '.join(text.split())}")
 
 
 _OS_REMEDIES = {errno.ENOSPC: "free disk space or use another --workdir",
@@ -166,8 +170,6 @@ def main(argv):
     fail(" ".join(str(e).split())[:300])
   except SatSynthError as e:
     fail(str(e))
-  except ValueError as e:  # get_config(arg) refusing an unknown preset
-    fail(f"--config={flags.FLAGS['config'].serialize().split('=', 1)[-1]}: {e}")
   primary, processes = True, 1
   if _MODE.value not in SINGLE_PROCESS:
     _persistent_compilation_cache()

@@ -28,6 +28,7 @@ def run_cli(*args, workdir="unused"):
         (["--config=configs/demo.py", "--mode=fly"], f"unknown --mode='fly'; available modes: {', '.join(MODES)}"),
         (["--config=configs/nope.py", "--mode=prepare"], "configs/nope.py"),
         (["--mode=prepare"], "--config is required"),
+        (["--config=configs/loveda.py:nope", "--mode=prepare"], "unknown config preset 'nope'; presets: paper, cpu"),
     ],
 )
 def test_bad_command_lines_fail_in_one_named_line(args, expected):

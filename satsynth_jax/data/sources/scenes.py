@@ -132,15 +132,20 @@ def _readable(path: pathlib.Path):
     raise SourceError(f"{path}: cannot read ({e})") from e
 
 
+def _checked_tiff_size(tiff: tifffile.TiffFile, path: pathlib.Path, limit: int) -> tuple[int, int]:
+  """(height, width) of a TIFF's first page from its header, refused over the pixel limit."""
+  page = tiff.pages.first
+  _check_pixels(path, page.imagewidth, page.imagelength, limit)
+  return page.imagelength, page.imagewidth
+
+
 def image_size(path: pathlib.Path, max_pixels: int = 0) -> tuple[int, int]:
   """(height, width) from the file's header, without decoding; images over the pixel limit are refused."""
   limit = pixel_limit(max_pixels)
   with _readable(path):
     if path.suffix.lower() in TIFF_SUFFIXES:
       with tifffile.TiffFile(path) as tiff:
-        page = tiff.pages.first
-        _check_pixels(path, page.imagewidth, page.imagelength, limit)
-        return page.imagelength, page.imagewidth
+        return _checked_tiff_size(tiff, path, limit)
     with _open_pillow(path, limit) as image:
       return image.height, image.width
 
@@ -154,8 +159,7 @@ def _read_array(path: pathlib.Path, max_pixels: int, palette_to_rgb: bool) -> tu
   with _readable(path):
     if path.suffix.lower() in TIFF_SUFFIXES:
       with tifffile.TiffFile(path) as tiff:
-        page = tiff.pages.first
-        _check_pixels(path, page.imagewidth, page.imagelength, limit)
+        _checked_tiff_size(tiff, path, limit)
         array = tiff.asarray()
       # Band-sequential GeoTIFFs come back as [bands, H, W].
       if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[-1] not in (3, 4):

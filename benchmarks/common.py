@@ -88,7 +88,37 @@ def setup_torch():
   import torch  # pylint: disable=g-import-not-at-top  (an optional dependency: the `bench` extra)
 
   torch.set_num_threads(host_threads())
+  allow_torchvision_without_ops(torch)
   return torch, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def allow_torchvision_without_ops(torch) -> None:
+  """Lets `import torchvision` succeed when its C++ ops cannot load (e.g. PyPI's CUDA torchvision
+  beside a CPU-only torch, where no CPU torchvision build is reachable).
+
+  torchvision registers fake kernels for `nms`/`qnms` unconditionally, so without its ops
+  library the import raises. Declaring the two schemas is enough for the Python package; the
+  benchmarks' peers (timm's ResNet-50, smp's FPN) never call a torchvision op.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  try:
+    import torchvision  # pylint: disable=g-import-not-at-top,unused-import
+    return
+  except ImportError:
+    return  # not installed: smp fails with a clear message of its own
+  except RuntimeError as e:
+    if "torchvision::nms" not in str(e):
+      raise
+  for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+    del sys.modules[name]  # the half-imported package
+  global _TORCHVISION_SCHEMAS  # the Library must outlive this call, or its definitions go
+  _TORCHVISION_SCHEMAS = torch.library.Library("torchvision", "FRAGMENT")
+  for op in ("nms", "qnms"):
+    _TORCHVISION_SCHEMAS.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+  import torchvision  # pylint: disable=g-import-not-at-top,unused-import,redefined-outer-name
+
+
+_TORCHVISION_SCHEMAS = None
 
 
 def machine_lines(torch=None, device=None) -> list[str]:

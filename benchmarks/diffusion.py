@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from configs import demo, isaid
+from satsynth_jax.configs import demo, isaid
 from satsynth_jax import generator, parallel
 from satsynth_jax.train import diffusion
 
@@ -85,6 +85,7 @@ class JaxUNet:
     batch = {"x": self.x}
     with jax.set_mesh(self.mesh):
       compiled, compile_s = common.compile_jax(self.step, self.state, batch)
+      self.train_compiled = compiled  # kept for HLO inspection (benchmarks/xla_flags.py --profile)
 
     def call():
       self.state, metrics = compiled(self.state, batch)
@@ -128,10 +129,12 @@ def diffusers_unet(config):
 class DiffusersUNet:
   """The peer: the same network, optimizer step and samplers in PyTorch + diffusers, eager mode."""
 
-  def __init__(self, config, batch: int, dtype: str, torch, device):
+  def __init__(self, config, batch: int, dtype: str, torch, device, compile_model: bool = False):
     self.config, self.batch, self.torch, self.device = config, batch, torch, device
     torch.manual_seed(config.seed)
     self.model = diffusers_unet(config).to(device)
+    # torch.compile wraps the forward only: the optimizer, clipping and EMA see the same parameters.
+    self.forward = torch.compile(self.model) if compile_model else self.model
     size, channels = config.data.image_size, generator.joint_channels(config)
     self.shape = (batch, channels, size, size)
     self.x = torch.rand(self.shape, device=device) * 2 - 1
@@ -167,7 +170,7 @@ class DiffusersUNet:
       abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
       xt = abar.sqrt() * self.x + (1 - abar).sqrt() * noise
       with self.autocast():
-        out = self.model(xt, timesteps).sample
+        out = self.forward(xt, timesteps).sample
       loss = torch.nn.functional.mse_loss(out.float(), noise)
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
@@ -197,7 +200,7 @@ class DiffusersUNet:
       with torch.inference_mode(), self.autocast():
         x = torch.randn(self.shape, device=self.device)
         for t in timesteps:
-          eps = self.model(x, t).sample.float()
+          eps = self.forward(x, t).sample.float()
           x = scheduler.step(eps, t, x).prev_sample
       self.sync()
 

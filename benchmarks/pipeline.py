@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from benchmarks.common import cpu_model
-from configs import demo
+from satsynth_jax.configs import demo
 from satsynth_jax.data import pipeline, records
 
 # (model input size, stored patch size): the paper's 128px G reads 256px patches; G_SR is 256px.

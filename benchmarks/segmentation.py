@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
-from configs import isaid
+from satsynth_jax.configs import isaid
 from satsynth_jax import parallel, segmenter
 from satsynth_jax.train import segmentation
 
@@ -63,6 +63,7 @@ class JaxFPN:
     """(one optimizer step on the batch, its FLOPs per image)."""
     with jax.set_mesh(self.mesh):
       compiled, compile_s = common.compile_jax(self.step, self.state, self.batch_arrays)
+      self.train_compiled = compiled  # kept for HLO inspection (benchmarks/xla_flags.py --profile)
 
     def call():
       self.state, metrics = compiled(self.state, self.batch_arrays)
@@ -89,12 +90,13 @@ class JaxFPN:
 class SmpFPN:
   """The peer: smp's FPN-ResNet50, trained and evaluated in eager PyTorch, NCHW."""
 
-  def __init__(self, config, batch: int, dtype: str, torch, device):
+  def __init__(self, config, batch: int, dtype: str, torch, device, compile_model: bool = False):
     import segmentation_models_pytorch as smp  # pylint: disable=g-import-not-at-top  (the `bench` extra)
 
     self.config, self.batch, self.torch, self.device = config, batch, torch, device
     torch.manual_seed(config.seed)
     self.model = smp.FPN("resnet50", encoder_weights=None, classes=config.data.num_classes).to(device)
+    self.forward = torch.compile(self.model) if compile_model else self.model  # the optimizer sees the same params
     images, masks = random_batch(batch, config.data.image_size, config.data.num_classes)
     self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
     self.masks = torch.from_numpy(masks).long().to(device)
@@ -126,7 +128,7 @@ class SmpFPN:
     def call():
       self.model.train()
       with self.autocast():
-        logits = self.model(self.images)
+        logits = self.forward(self.images)
       loss = criterion(logits.float(), self.masks)
       optimizer.zero_grad(set_to_none=True)
       loss.backward()
@@ -142,7 +144,7 @@ class SmpFPN:
     def call():
       self.model.eval()
       with torch.inference_mode(), self.autocast():
-        self.model(self.images).argmax(dim=1)
+        self.forward(self.images).argmax(dim=1)
       self.sync()
 
     return self.counted(call)

@@ -5,7 +5,7 @@ vehicles) under the workdir and converts them like any real dataset. The `cpu` p
 budgets are the default here; `configs/demo.py:paper` gives the paper's model sizes.
 """
 
-from configs import default
+from satsynth_jax.configs import default
 
 CLASSES = (
     ("field", (186, 214, 120)),

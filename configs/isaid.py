@@ -4,7 +4,7 @@ Point `--config.data.source_dir` at the folder holding `train/images/` and `val/
 (each `<id>.png` beside `<id>_instance_color_RGB.png`, as in the official release).
 """
 
-from configs import default
+from satsynth_jax.configs import default
 
 CLASSES = (
     ("background", (0, 0, 0)),

@@ -5,7 +5,7 @@ Point `--config.data.source_dir` at the folder holding `Train/` and `Val/` (each
 classes 0..6 and raw 0 becomes the ignore index, as the official loader does.
 """
 
-from configs import default
+from satsynth_jax.configs import default
 
 CLASSES = (
     ("background", (255, 255, 255)),

@@ -5,7 +5,7 @@ holding `<region>/images/*.tif`, `<region>/labels/*.tif` and the split lists
 `train.txt` / `val.txt`. Raw labels 1..8 become classes 0..7; 0 becomes the ignore index.
 """
 
-from configs import default
+from satsynth_jax.configs import default
 
 CLASSES = (
     ("bareland", (128, 0, 0)),

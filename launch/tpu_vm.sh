@@ -193,7 +193,7 @@ cmd_install() {
     # Paths are relative to the home folder, where gcloud's ssh commands start.
     "rm -rf satsynth_jax" "mkdir satsynth_jax" "tar -xzf satsynth_jax.tar.gz -C satsynth_jax"
     "python3 -m venv satsynth_venv" "satsynth_venv/bin/pip install -q --upgrade pip"
-    "satsynth_venv/bin/pip install -q 'jax[tpu]' 'etils[epath-gcs]' -e ./satsynth_jax"
+    "satsynth_venv/bin/pip install -q 'jax[tpu]' -e './satsynth_jax[gcs]'"  # gcs: records read from gs://
   )
   if [[ -n "${nfs}" ]]; then
     steps+=("sudo mkdir -p /mnt/satsynth"

@@ -197,6 +197,7 @@ def validate(config, mode: str | None = None) -> None:
            g.backbone_stages, "must be 4 ints >= 1 (ResNet-50: (3, 4, 6, 3))")
   _train("segmentation.train", g.train)
   _in_range("segmentation.eval_batch_size", g.eval_batch_size, 1)
+  _in_range("segmentation.eval_every", g.eval_every, 0)
 
   e = config.experiment
   _require(isinstance(e.image_only_baseline, bool), "experiment.image_only_baseline", e.image_only_baseline,

@@ -1,7 +1,8 @@
 """Command line: `python -m satsynth_jax.main --config=configs/X.py --workdir=DIR --mode=MODE`.
 
 Every job reads its inputs from and writes its outputs under --workdir (DESIGN.md).
-Config overrides use ml_collections syntax: `--config.data.patch_size=128`.
+Config overrides use ml_collections syntax: `--config.data.patch_size=128`. A `configs/X.py` that is not
+a file in the current folder is the installed one (satsynth_jax.configs), so commands run from any folder.
 Several hosts: every job but `prepare` joins a jax.distributed run first (satsynth_jax/distributed.py).
 """
 
@@ -10,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib
+import importlib.util
 import os
+import pathlib
 import re
 import sys
 import traceback
@@ -18,7 +21,7 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from satsynth_jax import atomic, config_check, lock, workdir as layout
+from satsynth_jax import atomic, config_check, host_devices, lock, workdir as layout
 from satsynth_jax.errors import SatSynthError
 
 # mode -> "module:function(config, workdir)"; imported lazily so `prepare` stays light.
@@ -39,9 +42,64 @@ SINGLE_PROCESS = ("prepare", "export")  # jobs that write their outputs once, fr
 # The job kinds whose workdir locks (lock.py) a mode holds: its own; the experiment runs them all.
 LOCKED_KINDS = {mode: (mode,) for mode in MODES} | {"experiment": tuple(MODES)}
 
+CONFIGS_PACKAGE = "satsynth_jax.configs"  # setup.py installs the top-level configs/ folder under this name
+
+
+def _configs_dir() -> pathlib.Path | None:
+  """The folder of the installed configs. A checkout's own satsynth_jax (python -m from the repository
+  root) shadows a non-editable install and lacks them: its configs/ is then registered in their place,
+  so the config files' `from satsynth_jax.configs import default` works there too."""
+  spec = importlib.util.find_spec(CONFIGS_PACKAGE)
+  if spec is not None:
+    return pathlib.Path(spec.submodule_search_locations[0])
+  folder = pathlib.Path(__file__).resolve().parent.parent / "configs"
+  if not (folder / "__init__.py").is_file():
+    return None
+  spec = importlib.util.spec_from_file_location(CONFIGS_PACKAGE, folder / "__init__.py",
+                                                submodule_search_locations=[str(folder)])
+  sys.modules[CONFIGS_PACKAGE] = module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return folder
+
+
+def resolve_config_path(path: str) -> str:
+  """`configs/NAME.py` (or `NAME.py`) that is not a file here means the installed configs' NAME.py,
+  so the README's commands run from any folder; other paths are used as given."""
+  configs = _configs_dir()
+  if not path:
+    raise ValueError("the config path is empty, e.g. --config=configs/demo.py")
+  if os.path.exists(path):
+    return path
+  looked = [os.path.abspath(path)]
+  parts = pathlib.PurePath(path).parts
+  if configs is not None and not os.path.isabs(path) and parts[:-1] in ((), ("configs",)):
+    installed = configs / parts[-1]
+    if installed.is_file():
+      return str(installed)
+    looked.append(str(installed))
+  raise ValueError(f"no config file {path}: looked for {' and '.join(looked)}")
+
+
+class _ConfigPathParser(flags.ArgumentParser):
+  """Wraps ml_collections' config file parser (`PATH[:ARG]`, ARG going to get_config): resolves PATH first."""
+
+  def __init__(self, parser: flags.ArgumentParser):
+    self._parser = parser
+
+  def parse(self, argument):
+    path, sep, arg = argument.partition(":")  # the same first-colon split as ml_collections
+    return self._parser.parse(resolve_config_path(path) + sep + arg)
+
+  def flag_type(self):
+    return self._parser.flag_type()
+
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "A config file and optional preset, e.g. configs/loveda.py or configs/loveda.py:cpu.",
+    "config", None, "A config file and optional preset, e.g. configs/loveda.py or configs/loveda.py:cpu; "
+    "configs/NAME.py that is not a file in the current folder means the installed config NAME.py.",
     lock_config=True)
+# The flag keeps ml_collections' overrides (--config.a.b=...); only how its path is found changes.
+flags.FLAGS[_CONFIG.name].parser = _ConfigPathParser(flags.FLAGS[_CONFIG.name].parser)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for every output of the run.")
 _MODE = flags.DEFINE_string("mode", None, f"Job to run: one of {', '.join(MODES)}.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
@@ -172,6 +230,7 @@ def main(argv):
     fail(str(e))
   primary, processes = True, 1
   if _MODE.value not in SINGLE_PROCESS:
+    cpu_devices = host_devices.configure(config)  # before JAX starts its backends
     _persistent_compilation_cache()
     from satsynth_jax import distributed  # imports jax: kept off prepare's path
     try:
@@ -185,6 +244,8 @@ def main(argv):
     except config_check.ConfigError as e:
       fail(str(e))
     primary, processes = jax.process_index() == 0, jax.process_count()
+    if cpu_devices and jax.default_backend() == "cpu":
+      logging.info("data-parallel over %d CPU devices (one per core that every batch divides)", cpu_devices)
   if _ALLOW_FALLBACK.value:
     from satsynth_jax import checkpoint  # noqa: PLC0415  (imports orbax: kept off prepare's path)
     checkpoint.configure(allow_fallback=True)

@@ -341,3 +341,76 @@ def test_config_check_names_bad_curation_settings():
   crop = load_config("demo", **{"data.resize": "crop", "segmentation.image_size": 16})
   with pytest.raises(config_check.ConfigError, match="data.resize='crop'"):
     config_check.validate(crop, mode="curate")
+
+
+# ---- exact values of the pure maths (mutation testing found these unpinned) ----
+
+
+def test_pixel_losses_are_the_cross_entropy_of_each_pixel():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(0.0, 3.0, (2, 3, 5, K)).astype(np.float32)
+  mask = rng.integers(0, K, (2, 3, 5))
+  mask[0, 0, :2] = IGNORE
+  loss, pred = jax.device_get(curate.pixel_losses(jnp.asarray(logits), jnp.asarray(mask), IGNORE))
+  z = logits.astype(np.float64)
+  log_probs = z - z.max(-1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+  want = -np.take_along_axis(log_probs, np.where(mask == IGNORE, 0, mask)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(loss, np.where(mask == IGNORE, 0.0, want), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(pred, logits.argmax(-1))
+
+
+def test_class_mean_loss_is_nan_only_for_classes_without_pixels():
+  moments = np.array([[1.0, 0.0, 4.0], [3.0, 0.0, 2.0], [9.0, 0.0, 1.0]])  # one pixel of class 0
+  mean = curate.class_mean_loss(moments)
+  np.testing.assert_allclose(mean[[0, 2]], [3.0, 0.5])
+  assert np.isnan(mean[1])
+
+
+def test_keep_mask_uses_each_pixels_own_class_threshold_inclusively():
+  thresholds = np.array([1.0, 5.0, np.inf])
+  loss = np.array([[[1.0, 1.5, 3.0, 5.0, 5.5, 9.0, 7.0]]], np.float32)
+  mask = np.array([[[0, 0, 1, 1, 1, 2, IGNORE]]])
+  keep = curate.keep_mask(loss, mask, thresholds, IGNORE)
+  np.testing.assert_array_equal(keep[0, 0], [True, False, True, True, False, True, False])
+
+
+def test_fidelity_of_a_pair_with_one_labelled_pixel():
+  mask = np.full((2, 2, 2), IGNORE)
+  mask[:, 0, 0] = 3
+  pred = np.array([[[3, 0], [0, 0]], [[1, 0], [0, 0]]])
+  np.testing.assert_array_equal(curate.label_fidelity(pred, mask, IGNORE), [1.0, 0.0])
+
+
+def test_class_weights_exact_values_and_the_rarity_fallback():
+  # Hardness / sqrt(frequency), normalised; a class of one train pixel still counts.
+  weights = curate.class_weights([0.02, 0.01, 0.03], [300, 99, 1])
+  raw = np.array([0.02 / np.sqrt(0.75), 0.01 / np.sqrt(99 / 400), 0.03 / np.sqrt(1 / 400)])
+  np.testing.assert_allclose(weights, raw / raw.sum(), rtol=1e-12)
+  # A class in the train manifest that the scorer never saw (NaN loss) weighs nothing.
+  np.testing.assert_allclose(curate.class_weights([0.5, np.nan], [100, 1]), [1.0, 0.0])
+  # A perfect scorer (all losses 0): rarity alone, still 0 for a class absent from train.
+  fallback = curate.class_weights([0.0, 0.0, 0.0, 0.0], [300, 0, 100, 0])
+  raw = np.array([1 / np.sqrt(0.75), 0.0, 1 / np.sqrt(0.25), 0.0])
+  np.testing.assert_allclose(fallback, raw / raw.sum(), rtol=1e-12)
+
+
+def test_pair_scores_are_the_weighted_share_of_each_pairs_own_kept_pixels():
+  kept = np.array([[3, 1, 0], [0, 0, 1], [0, 0, 0], [10, 0, 10]])
+  weights = np.array([0.1, 0.3, 0.6])
+  np.testing.assert_allclose(curate.pair_scores(kept, weights), [0.6 / 4, 0.6, 0.0, 7.0 / 20], rtol=1e-12)
+
+
+def test_resize_nearest_maps_rows_and_columns_separately():
+  array = np.arange(6).reshape(2, 3)
+  np.testing.assert_array_equal(curate.resize_nearest(array, (4, 6)), np.repeat(np.repeat(array, 2, 0), 2, 1))
+  np.testing.assert_array_equal(curate.resize_nearest(np.arange(12).reshape(4, 3), (2, 3)),
+                                [[3, 4, 5], [9, 10, 11]])
+
+
+def test_hard_rare_takes_every_positive_score_before_any_zero_score():
+  candidates = np.arange(20)
+  scores = np.zeros(20)
+  scores[[3, 11, 17]] = 1e-3  # tiny but positive: log(u) / score is very negative, still ahead of 0
+  for seed in range(20):
+    np.testing.assert_array_equal(curate.select(candidates, 3, "hard_rare", scores, seed), [3, 11, 17])

@@ -313,3 +313,29 @@ def test_samplers_reject_bad_arguments():
   with pytest.raises(ValueError, match="eta"):
     sampling.sample_ddim(denoise, SCHED, (1, 2, 2, 1), jax.random.key(0), num_steps=5, eta=-1.0)
 
+
+
+def test_every_schedule_table_matches_its_float64_formula():
+  # Called inside the test (not the module's SCHED), so mutation testing attributes it here.
+  sched = schedule.linear_schedule(7, 2e-3, 0.3)
+  betas = np.linspace(2e-3, 0.3, 7)
+  abar = np.cumprod(1.0 - betas)
+  prev = np.concatenate([[1.0], abar[:-1]])
+  var = betas * (1 - prev) / (1 - abar)
+  want = {
+      "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": prev,
+      "sqrt_alphas_cumprod": np.sqrt(abar), "sqrt_one_minus_alphas_cumprod": np.sqrt(1 - abar),
+      "sqrt_recip_alphas_cumprod": 1 / np.sqrt(abar), "sqrt_recipm1_alphas_cumprod": np.sqrt(1 / abar - 1),
+      "posterior_variance": var, "posterior_log_variance_clipped": np.log(np.concatenate([[var[1]], var[1:]])),
+      "posterior_mean_coef1": betas * np.sqrt(prev) / (1 - abar),
+      "posterior_mean_coef2": (1 - prev) * np.sqrt(1 - betas) / (1 - abar),
+  }
+  for name, value in want.items():
+    table = getattr(sched, name)
+    assert table.dtype == jnp.float32 and table.shape == (7,), name
+    np.testing.assert_allclose(table, value, rtol=2e-7, atol=0, err_msg=name)
+  assert sched.num_timesteps == 7
+  schedule.linear_schedule(2, 0.1, 0.1)  # the smallest valid schedule: T = 2, constant betas
+  for bad in [(1, 0.1, 0.2), (5, 0.0, 0.2), (5, 0.1, 1.0)]:
+    with pytest.raises(ValueError):
+      schedule.linear_schedule(*bad)

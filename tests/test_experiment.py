@@ -1,10 +1,13 @@
 """--mode=experiment: a shrunken demo runs every stage, writes the comparison table, and resumes."""
 
 import json
+import math
+import shutil
+import statistics
 
 import pytest
 
-from conftest import run_main
+from conftest import load_config, run_main
 
 SHRUNK = {
     "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.patch_size": 32, "data.image_size": 16,
@@ -42,14 +45,23 @@ def test_experiment_runs_every_stage_and_writes_the_table_from_the_eval_jsons(fi
   summary = (workdir / "report" / "summary.md").read_text()
   rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines() if line.startswith("| D")}
   assert set(rows) == set(ARMS)
-  # mean ± standard error over the two seeds, recomputed from the eval JSONs.
+  # Every score column: mean ± standard error over the seeds, recomputed from the eval JSONs.
+  header = next(line for line in summary.splitlines() if line.startswith("| train on"))
+  header = [cell.strip() for cell in header.strip("|").split("|")]
+  keys = {"mIoU": "miou", "mF1": "mf1", **{f"IoU {n}": f"iou/{n}" for n in load_config("demo").data.class_names}}
+  assert header[:3] == ["train on", "R", "seeds"] and set(header[3:]) == set(keys), header
   for label, runs in ARMS.items():
-    mious = [json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["scores"]["miou"] for run in runs]
-    mean = sum(mious) / 2
-    stderr = abs(mious[0] - mious[1]) / 2  # sample std / sqrt(2) for n = 2
-    cells = rows[label].split(" | ")
+    scores = [json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["scores"] for run in runs]
+    cells = [cell.strip() for cell in rows[label].strip().strip("|").split("|")]
     assert cells[1] == ("0" if label == "D" else "1") and cells[2] == "2"
-    assert cells[3] == f"{100 * mean:.2f} ± {100 * stderr:.2f}", (cells, mious)
+    for column, cell in zip(header[3:], cells[3:]):
+      values = [s[keys[column]] for s in scores if s.get(keys[column]) is not None]  # null: class absent
+      if len(values) < 2:
+        assert cell == (f"{100 * values[0]:.2f}" if values else "n/a"), (label, column, cell)
+        continue
+      mean = statistics.mean(values)
+      stderr = statistics.stdev(values) / math.sqrt(len(values))
+      assert cell == f"{100 * mean:.2f} ± {100 * stderr:.2f}", (label, column, cell, values)
   curated = json.loads((workdir / "synthetic" / "diffusion_x0_curated" / "manifest.json").read_text())
   assert curated["num_examples"] == json.loads((workdir / "data" / "train" / "manifest.json").read_text())["num_examples"]
   assert curated["pool_size"] == 2 * curated["num_examples"]
@@ -69,6 +81,37 @@ def test_a_finished_experiment_reruns_nothing_and_rewrites_the_same_summary(fini
   again = _experiment(workdir)
   assert again.count("complete, skipped") == STAGES, again
   assert (workdir / "report" / "summary.md").read_text() == summary
+
+
+def test_an_interrupted_experiment_reruns_only_its_missing_and_stale_stages(finished, tmp_path):
+  """A lost eval JSON is redone, and so is one scored at another checkpoint step (stale); every other
+  stage is reported complete and its outputs are left untouched."""
+  done, _ = finished
+  workdir = tmp_path / "experiment"
+  shutil.copytree(done, workdir)  # copy2 keeps mtimes: an untouched file keeps its st_mtime_ns
+  summary = (workdir / "report" / "summary.md").read_text()
+  lost, stale = RUNS[1], RUNS[2]
+  (workdir / "metrics" / f"eval_{lost}.json").unlink()
+  stale_path = workdir / "metrics" / f"eval_{stale}.json"
+  row = json.loads(stale_path.read_text())
+  stale_path.write_text(json.dumps({**row, "checkpoint_step": 2, "scores": {**row["scores"], "miou": 0.0}}))
+  kept = {path: path.stat().st_mtime_ns for pattern in ("metrics/eval_*.json", "checkpoints/*/*/_CHECKPOINT_METADATA",
+                                                         "synthetic/*/manifest.json", "data/*/manifest.json")
+          for path in workdir.glob(pattern) if path != stale_path}
+  assert len(kept) > len(RUNS)
+
+  out = _experiment(workdir)
+  ran = [line.split("] ", 1)[1].removesuffix(": running") for line in out.splitlines()
+         if line.startswith("[experiment ") and line.endswith(": running")]
+  assert sorted(ran) == sorted([f"evaluate {lost}", f"evaluate {stale}"]), out
+  assert out.count("complete, skipped") == STAGES - 2, out
+  assert {path: path.stat().st_mtime_ns for path in kept} == kept
+  for run in (lost, stale):
+    assert json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["checkpoint_step"] == 4
+  def table(text):  # the comparison rows: stage times change with the rerun, scores must not
+    return [line for line in text.splitlines() if line.startswith("| D")]
+
+  assert table((workdir / "report" / "summary.md").read_text()) == table(summary) != []
 
 
 def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmenter_to_it(tmp_path):

@@ -11,6 +11,9 @@ from satsynth_jax.models import fpn, resnet, unet_seg
 
 TINY = (1, 1, 1, 1)
 K = 5
+# torchvision's published ResNet-50 size less its classifier fc (2048 x 1000 + 1000); the
+# backbone's layer-by-layer count is checked in test_resnet.py.
+RESNET50_BACKBONE = 25_557_032 - (2048 * 1000 + 1000)
 
 
 def _count(tree) -> int:
@@ -52,16 +55,21 @@ def test_fpn_resnet50_parameter_count():
   outputs = 4 * (9 * 256 * 256 + 256)
   # Seven conv3x3 stages (P2: 1, P3: 1, P4: 2, P5: 3); the first of each level reads 256 channels.
   semantic = 4 * 9 * 256 * 128 + 3 * 9 * 128 * 128 + 7 * 2 * 128 + (128 + 1) * 16
-  assert counts == {"backbone": 23_508_032, "fpn": laterals + outputs, "head": semantic}
-  assert sum(counts.values()) == 28_478_288
+  assert counts == {"backbone": RESNET50_BACKBONE, "fpn": laterals + outputs, "head": semantic}
 
 
 def test_unet_resnet50_parameter_count():
   model = unet_seg.UNetSegmenter(num_classes=16)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                              jnp.zeros((1, 128, 128, 3)))
-  assert _count(variables["params"]["backbone"]) == 23_508_032
-  assert _count(variables["params"]) == 32_523_280
+  counts = {name: _count(tree) for name, tree in variables["params"].items()}
+  # Decoder block i: nearest x2, concat the skip, two bias-free conv3x3 + BatchNorm (scale, bias).
+  # Widths from C5 = 2048: skips C4..C1 = 1024, 512, 256, 64, then none; outputs 256 .. 16.
+  inputs = (2048 + 1024, 256 + 512, 128 + 256, 64 + 64, 32)
+  decoders = {f"decoder{i}": 9 * cin * c + 2 * c + 9 * c * c + 2 * c
+              for i, (cin, c) in enumerate(zip(inputs, (256, 128, 64, 32, 16)))}
+  classifier = 9 * 16 * 16 + 16  # conv3x3 with bias to the 16 classes
+  assert counts == {"backbone": RESNET50_BACKBONE, **decoders, "classifier": classifier}
 
 
 def test_pyramid_is_top_down():

@@ -332,3 +332,27 @@ def test_decode_pair_jits_with_a_raw_prng_key():
   decode = jax.jit(lambda j, key: labels.decode_pair(j, 7, ignore_index=255, rng=key))
   _, mask = decode(joint, jax.random.PRNGKey(0))
   np.testing.assert_array_equal(np.asarray(mask), 255)
+
+
+@pytest.mark.parametrize("encoding", labels.ENCODINGS)
+def test_encode_real_pair_codes_no_data_or_fills_it(encoding):
+  image = np.array([[[0, 128, 255], [10, 20, 30]]], np.uint8)  # [1, 2, 3]
+  mask = np.array([[4, 255]], np.uint8)
+  rgb = image / 255.0 * 2 - 1
+  coded = labels.encode_real_pair(image, mask, 5, encoding, ignore_index=255, no_data_code=True)
+  want_codes = labels.class_codes(5, encoding, ignore_index=255)[[4, 5]] * 2 - 1  # row 5: no-data
+  np.testing.assert_allclose(coded, np.concatenate([rgb, want_codes[None]], -1), atol=1e-6)
+  filled = labels.encode_real_pair(image, mask, 5, encoding, ignore_index=255, no_data_code=False, fill_class=2)
+  want_codes = labels.class_codes(5, encoding)[[4, 2]] * 2 - 1
+  np.testing.assert_allclose(filled, np.concatenate([rgb, want_codes[None]], -1), atol=1e-6)
+  default = labels.encode_real_pair(image, mask, 5, encoding, ignore_index=255, no_data_code=False)
+  np.testing.assert_allclose(default[0, 1, 3:], labels.class_codes(5, encoding)[0] * 2 - 1)  # fill_class 0
+
+
+def test_encode_real_pair_defaults_to_bits_and_jits():
+  image = np.zeros((2, 2, 3), np.uint8)
+  mask = np.array([[1, 255], [4, 0]], np.uint8)
+  bits = labels.encode_real_pair(image, mask, 5, ignore_index=255, no_data_code=False)
+  assert bits.shape == (2, 2, 3 + labels.num_bits(5))  # "bits" when no encoding is given
+  jitted = jax.jit(lambda i, m: labels.encode_real_pair(i, m, 5, "bits", ignore_index=255, no_data_code=False))
+  np.testing.assert_allclose(np.asarray(jitted(jnp.asarray(image), jnp.asarray(mask))), bits, atol=1e-6)

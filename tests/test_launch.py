@@ -242,7 +242,7 @@ def test_tpu_install_copies_the_checkout_to_all_workers_and_mounts_nfs(stub):
   assert not os.path.exists(scp[4])  # the local archive is removed afterwards
   assert ssh[3] == "ssh" and "--worker=all" in ssh
   command = next(arg for arg in ssh if arg.startswith("--command="))
-  assert "pip install -q 'jax[tpu]'" in command and "-e ./satsynth_jax" in command
+  assert "pip install -q 'jax[tpu]'" in command and "-e './satsynth_jax[gcs]'" in command
   assert "mount -t nfs -o rw,hard 10.0.0.2:/satsynth /mnt/satsynth" in command
   # On the worker: the checkout unpacked, the venv made and pip run, the share mounted.
   remote = pathlib.Path(env["STUB_REMOTE"])
@@ -250,7 +250,7 @@ def test_tpu_install_copies_the_checkout_to_all_workers_and_mounts_nfs(stub):
   assert remote_calls(env) == [
       ["sudo", "apt-get", "update", "-qq"], ["sudo", "apt-get", "install", "-y", "-qq", "python3-venv", "nfs-common"],
       ["pip", "install", "-q", "--upgrade", "pip"],
-      ["pip", "install", "-q", "jax[tpu]", "etils[epath-gcs]", "-e", "./satsynth_jax"],
+      ["pip", "install", "-q", "jax[tpu]", "-e", "./satsynth_jax[gcs]"],
       ["sudo", "mkdir", "-p", "/mnt/satsynth"],
       ["sudo", "mount", "-t", "nfs", "-o", "rw,hard", "10.0.0.2:/satsynth", "/mnt/satsynth"]]
 

@@ -126,6 +126,36 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
   assert np.isfinite(np.asarray(restored.params["w"])).all()
 
 
+# The NaN lands exactly on a checkpoint step (3, the first; 6, the last): the loop must check the
+# metrics before it saves, or the poisoned params (NaN after the update) become the newest checkpoint.
+@pytest.mark.parametrize("poison_after, kept", [(2, []), (5, [3])])
+def test_nan_on_a_checkpoint_step_is_never_saved(tmp_path, data, poison_after, kept):
+  step = poison_after + 1
+  task = _linear_task(data, poison_after=poison_after)
+  newest = "no checkpoint was saved" if not kept else f"its newest checkpoint is step {kept[-1]}"
+  with pytest.raises(loop.NonFiniteLossError, match=rf"non-finite metrics at step {step}: .*{newest}"):
+    loop.train(task, _train_config(), str(tmp_path), seed=0)
+  run = layout.checkpoint_dir(str(tmp_path), "toy")
+  assert sorted(os.listdir(run)) == [str(s) for s in kept]  # nor any partial (tmp) step folder
+  mngr = checkpoint.manager(run)
+  assert mngr.all_steps() == kept
+  for s in kept:
+    restored, _ = checkpoint.restore(mngr, jax.eval_shape(task.init, jax.random.key(0)), step=s)
+    floats = jax.tree.leaves((restored.params, restored.ema_params, restored.opt_state))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in floats)
+
+
+def _logged_losses(workdir) -> np.ndarray:
+  return np.array([json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics", "toy.jsonl"))])
+
+
+def test_logged_loss_is_finite_and_falls(tmp_path, data):
+  loop.train(_linear_task(data), _train_config(num_steps=12), str(tmp_path), seed=0)
+  losses = _logged_losses(str(tmp_path))
+  assert len(losses) == 12 and np.isfinite(losses).all()
+  assert losses[-4:].mean() < losses[:4].mean()
+
+
 def test_sigterm_saves_then_stops_and_the_rerun_finishes(tmp_path, data):
   def terminate(n):
     if n == 2:

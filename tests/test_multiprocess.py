@@ -10,23 +10,21 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import grain
 import jax
 import numpy as np
 import pytest
 
+import mp_launch
 from conftest import REPO, load_config
 from satsynth_jax import checkpoint, distributed, parallel, sample, workdir as layout
 from satsynth_jax.data import pipeline, prepare, records
 from satsynth_jax.train import diffusion, loop
 
-NUM_PROCESSES = 2
-TIMEOUT_S = 240  # per launch; one takes 15-60 s on 2 busy cores
+NUM_PROCESSES = mp_launch.NUM_PROCESSES
 TINY = {
     # One resolution level, no attention: the smallest U-Net, so compiling stays cheap.
     "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1, "diffusion.model.attn_resolutions": (),
@@ -39,50 +37,9 @@ TINY = {
 }
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _cli_overrides() -> list[str]:
-  return [f"--config.{key}={value}" for key, value in TINY.items()]
-
-
 def _launch(workdir: str, mode: str, logs: pathlib.Path, via_env: bool) -> list[str]:
-  """Runs `mode` on NUM_PROCESSES local processes; returns their logs. Kills the pair on failure."""
-  address = f"127.0.0.1:{_free_port()}"
-  procs, outputs = [], []
-  for index in range(NUM_PROCESSES):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-            f"--mode={mode}", *_cli_overrides()]
-    if via_env:
-      env.update(SATSYNTH_COORDINATOR=address, SATSYNTH_NUM_PROCESSES=str(NUM_PROCESSES),
-                 SATSYNTH_PROCESS_ID=str(index))
-    else:
-      args += [f"--coordinator_address={address}", f"--num_processes={NUM_PROCESSES}", f"--process_id={index}"]
-    outputs.append(logs / f"{mode}_{index}.log")
-    with open(outputs[-1], "wb") as out:
-      procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT))
-  deadline = time.monotonic() + TIMEOUT_S
-  try:
-    while any(p.poll() is None for p in procs):
-      failed = [p for p in procs if p.returncode not in (None, 0)]
-      if failed or time.monotonic() > deadline:
-        break
-      time.sleep(0.2)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
-  texts = [path.read_text(errors="replace") for path in outputs]
-  if any(p.returncode != 0 for p in procs):
-    tails = "\n".join(f"--- process {i} (exit {p.returncode}):\n{text[-3000:]}"
-                      for i, (p, text) in enumerate(zip(procs, texts)))
-    pytest.fail(f"{mode} on {NUM_PROCESSES} processes failed or ran past {TIMEOUT_S} s\n{tails}")
-  return texts
+  """Runs `mode` on NUM_PROCESSES local processes (mp_launch: port clashes retried); returns their logs."""
+  return mp_launch.launch_ok(workdir, mode, TINY, logs, via_env=via_env)
 
 
 def _global_batches(config, real_dir: str, num_steps: int) -> list[dict]:
@@ -150,28 +107,41 @@ def test_cli_refuses_incomplete_settings_before_starting(tmp_path):
   assert "--num_processes (or SATSYNTH_NUM_PROCESSES) and --process_id" in result.stderr
 
 
+# Three fixtures, not one: a failed sampling launch or reference run errors only the tests that need it.
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """(config, two-process workdir, single-process workdir, sampling logs per process), after both runs."""
+def two_processes(tmp_path_factory):
+  """(config, workdir, logs folder) after train_diffusion on the pair."""
   config = load_config("demo", **TINY)
   multi = str(tmp_path_factory.mktemp("two_processes"))
-  single = str(tmp_path_factory.mktemp("one_process"))
   logs = tmp_path_factory.mktemp("logs")
   prepare.run(config, multi)
   _launch(multi, "train_diffusion", logs, via_env=False)
-  sample_logs = _launch(multi, "sample", logs, via_env=True)
+  return config, multi, logs
 
+
+@pytest.fixture(scope="module")
+def one_process(two_processes, tmp_path_factory):
+  """A single-process run of the same loop (4 devices) fed the pair's global batches: its workdir."""
+  config, multi, _ = two_processes
+  single = str(tmp_path_factory.mktemp("one_process"))
   mesh = parallel.make_mesh()
   assert mesh.size == 2 * NUM_PROCESSES
   batches = _global_batches(config, os.path.join(multi, "data", "train"), config.diffusion.train.num_steps)
   task = dataclasses.replace(diffusion.make_task(config, single, mesh), preview=None,
                              make_batches=lambda: iter(grain.MapDataset.source(batches).to_iter_dataset()))
   loop.train(task, config.diffusion.train, single, seed=config.seed, mesh=mesh)
-  return config, multi, single, sample_logs
+  return single
 
 
-def test_losses_equal_a_single_process_run_on_the_same_global_batches(runs):
-  config, multi, single, _ = runs
+@pytest.fixture(scope="module")
+def sampled(two_processes):
+  """The sampling logs of each process, after `sample` on the pair (G from two_processes)."""
+  _, multi, logs = two_processes
+  return _launch(multi, "sample", logs, via_env=True)
+
+
+def test_losses_equal_a_single_process_run_on_the_same_global_batches(two_processes, one_process):
+  (config, multi, _), single = two_processes, one_process
   two, one = _metrics(multi), _metrics(single)
   assert [m["step"] for m in two] == [m["step"] for m in one] == [2, 4]
   for a, b in zip(two, one):
@@ -180,8 +150,8 @@ def test_losses_equal_a_single_process_run_on_the_same_global_batches(runs):
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
 
 
-def test_final_params_equal_a_single_process_run(runs):
-  config, multi, single, _ = runs
+def test_final_params_equal_a_single_process_run(two_processes, one_process):
+  (config, multi, _), single = two_processes, one_process
   two, one = _final_state(config, multi), _final_state(config, single)
   for name in ("params", "ema_params", "opt_state"):
     leaves_a, leaves_b = jax.tree.leaves(two[name]), jax.tree.leaves(one[name])
@@ -193,15 +163,15 @@ def test_final_params_equal_a_single_process_run(runs):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5, err_msg=name)
 
 
-def test_only_process_0_writes_metrics_and_the_preview(runs):
-  _, multi, _, _ = runs
+def test_only_process_0_writes_metrics_and_the_preview(two_processes):
+  _, multi, _ = two_processes
   assert os.path.exists(os.path.join(multi, "samples", "diffusion_x0_step00000004.png"))
   metric_files = sorted(os.listdir(os.path.join(multi, "metrics", "diffusion_x0")))
   assert len(metric_files) == 1 and metric_files[0].startswith("events.out.tfevents.")
 
 
-def test_both_processes_write_their_shards_and_together_hold_the_requested_count(runs):
-  config, multi, _, logs = runs
+def test_both_processes_write_their_shards_and_together_hold_the_requested_count(two_processes, sampled):
+  (config, multi, _), logs = two_processes, sampled
   num_real = records.read_manifest(os.path.join(multi, "data", "train"))["num_examples"]
   requested = sample.pool_factor(config) * config.sample.per_real * num_real
   out = layout.synthetic_dir(multi, "diffusion_x0")

@@ -133,6 +133,57 @@ def test_resize_keeps_masks_in_the_class_set(dirs, size):
   assert set(np.unique(eval_mask)) <= set(np.unique(source_mask))
 
 
+def _eval_resize(image, mask, size):
+  cfg = config(**{"data.resize": "resize", "data.image_size": size})
+  source = [{"image": image, "mask": mask, "id": "x"}]
+  out = pipeline.pairs(source, cfg, seed=0, train=False, process_index=0, process_count=1)[0]
+  return out["image"], out["mask"]
+
+
+SCALES = [(48, 32), (100, 64), (20, 32), (30, 64)]  # non-integer shrinks and enlargements
+
+
+@pytest.mark.parametrize("source_size, size", SCALES)
+def test_resized_mask_takes_the_source_pixel_under_each_output_pixel_centre(source_size, size):
+  # Every source pixel its own random class, so any offset in the sampling grid shows.
+  rng = np.random.default_rng(source_size)
+  mask = rng.integers(0, K, (source_size, source_size)).astype(np.uint8)
+  image = np.zeros((source_size, source_size, 3), np.uint8)
+  _, got = _eval_resize(image, mask, size)
+  # Brute force: output pixel i spans [i, i + 1) of the output grid, so its centre lies at
+  # (i + 0.5) * source/size in source units; take the source pixel whose centre (j + 0.5) is nearest.
+  centres = (np.arange(size) + 0.5) * source_size / size
+  nearest = np.abs(centres[:, None] - (np.arange(source_size) + 0.5)[None, :]).argmin(axis=1)
+  np.testing.assert_array_equal(got, mask[nearest[:, None], nearest[None, :]])
+
+
+def _edge_in_output_pixels(profile: np.ndarray) -> float:
+  """Where a 0 -> 1 step lies in a resized row: the number of output pixels left of it (area under 1 - profile)."""
+  return float(np.sum(1.0 - profile))
+
+
+@pytest.mark.parametrize("source_size, size", SCALES)
+def test_resized_mask_edges_coincide_with_the_resized_image_edges(source_size, size):
+  # A two-class pair split at column b: the image (black | white) goes through PIL's BOX or
+  # bilinear filter, the mask through nearest sampling. The image's edge is read from its
+  # grey levels; the mask's first class-1 column must lie within half an output pixel of it
+  # (+0.01 for the image's 8-bit rounding on the few ramp pixels), for every b and both axes.
+  # Sampling a quarter or half pixel off the centres misses by 0.75 px or more at some b.
+  for b in range(1, source_size):
+    mask = np.zeros((source_size, source_size), np.uint8)
+    mask[:, b:] = 1
+    image = np.repeat((mask * 255)[..., None], 3, axis=2).astype(np.uint8)
+    for axis in (1, 0):  # a vertical edge, then (transposed) a horizontal one
+      m, im = (mask, image) if axis == 1 else (mask.T.copy(), image.transpose(1, 0, 2).copy())
+      resized_image, resized_mask = _eval_resize(im, m, size)
+      row = resized_image[size // 2, :, 0] if axis == 1 else resized_image[:, size // 2, 0]
+      labels_row = resized_mask[size // 2, :] if axis == 1 else resized_mask[:, size // 2]
+      image_edge = _edge_in_output_pixels(row / 255.0)
+      mask_edge = int(np.argmax(labels_row)) if labels_row.any() else size
+      assert (labels_row[mask_edge:] == 1).all() and (labels_row[:mask_edge] == 0).all()
+      assert abs(mask_edge - image_edge) <= 0.51, (b, axis, mask_edge, image_edge)
+
+
 def test_same_seed_repeats_and_another_seed_differs(dirs):
   def first_batches(seed):
     return take(pipeline.segmentation_batches(config(), dirs["real"], dirs["synthetic"], batch_size=4, seed=seed,

@@ -12,28 +12,25 @@ import pathlib
 import re
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flag, load_config
+import mp_launch
+from conftest import load_config
 from satsynth_jax import checkpoint, parallel, workdir as layout
 from satsynth_jax.data import prepare
 from satsynth_jax.train import diffusion, loop
 
-NUM_PROCESSES = 2
+NUM_PROCESSES = mp_launch.NUM_PROCESSES
 # The signal goes out after step 1; the agreed stop lands about a second later (JAX's notifier
 # polls once a second): 2-3 steps on the 2 shared cores under load (0.45 s a step), some 30
 # on an idle machine. 80 steps leave room for both.
 NUM_STEPS = 80
-# Per launch. Measured on the 2 shared cores under load (load average 5): start-up and
-# compile 15 s, then 2.2 steps/s, so a whole run takes about 50 s; the rest is headroom.
-TIMEOUT_S = 300
+# Per launch; it only ends a hung launch. Measured on the 2 shared cores: start-up and compile
+# 15 s, then 2.2 steps/s at load average 5 (a run about 50 s); at load 10 about 3x that.
+TIMEOUT_S = 600
 RUN = "diffusion_x0"
 TINY = {
     "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
@@ -43,63 +40,21 @@ TINY = {
     "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": NUM_STEPS,
     "diffusion.train.sample_every": 0,
 }
-PORT_IN_USE = ("address already in use", "failed to bind", "errno 98")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _start(workdir, logs: pathlib.Path, tag: str, port: int) -> list[tuple[subprocess.Popen, pathlib.Path]]:
-  procs = []
-  for index in range(NUM_PROCESSES):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
-            "--mode=train_diffusion", *(config_flag(k, v) for k, v in TINY.items()),
-            f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={NUM_PROCESSES}", f"--process_id={index}"]
-    log = logs / f"{tag}_{index}.log"
-    with open(log, "wb") as out:
-      procs.append((subprocess.Popen(args, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT), log))
-  return procs
-
-
-def _wait(procs, deadline: float) -> None:
-  try:
-    while any(p.poll() is None for p, _ in procs) and time.monotonic() < deadline:
-      time.sleep(0.2)
-  finally:
-    for p, _ in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
 
 
 def _launch(workdir, logs: pathlib.Path, tag: str, on_started=None) -> list[tuple[int, str]]:
   """Train on NUM_PROCESSES local processes; [(exit code, log)] per process. `on_started(procs)` is
-  called once process 0 has logged its first metrics. A coordinator port taken in the meantime
-  by someone else is retried on a new port."""
-  for attempt in range(3):
-    procs = _start(workdir, logs, f"{tag}{attempt}", _free_port())
-    deadline = time.monotonic() + TIMEOUT_S
-    if on_started is not None:
-      metrics = pathlib.Path(workdir) / "metrics" / f"{RUN}.jsonl"
-      while time.monotonic() < deadline and all(p.poll() is None for p, _ in procs):
-        if metrics.exists() and metrics.read_text().strip():
-          on_started([p for p, _ in procs])
-          break
-        time.sleep(0.05)
-    _wait(procs, deadline)
-    results = [(p.returncode, log.read_text(errors="replace")) for p, log in procs]
-    if not any(code not in (0, 2) and any(s in text.lower() for s in PORT_IN_USE) for code, text in results):
-      return results
-  return results
+  called once process 0 has logged its first metrics. Exit code 2 (the interrupted message) is
+  expected of both, so neither stops the other's wait."""
+  metrics = pathlib.Path(workdir) / "metrics" / f"{RUN}.jsonl"
+  tagged = logs / tag
+  tagged.mkdir()
+  return mp_launch.launch(workdir, "train_diffusion", TINY, tagged, on_started=on_started,
+                          started=lambda: metrics.exists() and bool(metrics.read_text().strip()),
+                          stop_on_failure=on_started is None, timeout_s=TIMEOUT_S)
 
 
-def _fail(message, results):
-  tails = "\n".join(f"--- process {i} (exit {code}):\n{text[-3000:]}" for i, (code, text) in enumerate(results))
-  pytest.fail(f"{message}\n{tails}")
+_fail = mp_launch.fail
 
 
 def _final(config, workdir):

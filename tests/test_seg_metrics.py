@@ -110,3 +110,16 @@ def test_bad_inputs_name_the_problem():
     seg.segmentation_scores(EXPECTED, NAMES[:2])
   with pytest.raises(ValueError, match="background_index=3"):
     seg.segmentation_scores(EXPECTED, NAMES, background_index=3)
+
+
+def test_int32_counts_of_a_large_split_score_without_overflow():
+  # ~1e9 pixels per class (e.g. background over LoveDA's val split) in the int32 matrix that
+  # confusion_matrix returns: 2 x TP, the F1 numerator, no longer fits in int32.
+  big = 2**30
+  confusion = np.array([[big + 6, big], [0, 7]], np.int32)
+  scores = seg.segmentation_scores(confusion, ("background", "building"))
+  tp, fn = big + 6.0, float(big)
+  assert scores["f1/background"] == pytest.approx(2 * tp / (2 * tp + fn), rel=1e-12)  # ~2/3, not ~2
+  assert scores["iou/background"] == pytest.approx(tp / (tp + fn), rel=1e-12)
+  assert scores["f1/building"] == pytest.approx(14 / (14 + big), rel=1e-12)
+  assert scores["pixel_accuracy"] == pytest.approx((tp + 7) / (tp + fn + 7), rel=1e-12)

@@ -158,3 +158,53 @@ def test_sampling_builds_g_from_its_recorded_config_without_the_training_overrid
   num_real = records.read_manifest(os.path.join(fresh, "data", "train"))["num_examples"]
   assert manifest["num_examples"] == sample.pool_factor(plain) * num_real
   assert recorded["generator_settings"]["diffusion.model.ch_mult"] == [1, 2]  # the trained layout
+
+
+class _Killed(Exception):
+  """Stands in for a kill between checkpoints."""
+
+
+def test_g_killed_between_checkpoints_resumes_bit_for_bit(trained, tmp_path, monkeypatch):
+  """A run killed at step 4 (checkpoint at 2, steps 3-4 computed, step 4 logged) and rerun ends
+  with the same parameters, optimizer state and loss log as the fixture's uninterrupted run: the
+  data iterator and step come back from the checkpoint and the log drops the dead run's step 4."""
+  import json  # noqa: PLC0415
+
+  from satsynth_jax import checkpoint  # noqa: PLC0415
+  from satsynth_jax.train import loop  # noqa: PLC0415
+
+  config, reference = trained
+  config = copy.deepcopy(config)
+  config.diffusion.train.sample_every = 0  # previews draw no training randomness; skip their cost
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(os.path.join(reference, "data"), os.path.join(resumed, "data"))
+  save = checkpoint.save
+
+  def save_unless_4(mngr, step, *args, **kwargs):
+    if step == 4:
+      raise _Killed
+    return save(mngr, step, *args, **kwargs)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(loop.checkpoint, "save", save_unless_4)
+    with pytest.raises(_Killed):
+      diffusion.run(config, resumed)
+  assert sorted(os.listdir(os.path.join(resumed, "checkpoints", "diffusion_x0"))) == ["2", "config.json"]
+  got = diffusion.run(config, resumed)
+
+  mesh = parallel.make_mesh()
+  task = diffusion.make_task(config, reference, mesh)
+  mngr = checkpoint.manager(layout.checkpoint_dir(reference, "diffusion_x0"), create=False)
+  expected, _ = checkpoint.restore(mngr, loop.abstract_state(task, mesh, config.seed), step=4)
+  assert int(got.step) == int(expected.step) == 4
+  for name in ("params", "ema_params", "opt_state"):
+    a, b = parallel.to_host(getattr(got, name)), parallel.to_host(getattr(expected, name))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+      np.testing.assert_array_equal(x, y, err_msg=name)
+
+  def log(workdir):
+    with open(os.path.join(workdir, "metrics", "diffusion_x0.jsonl"), encoding="utf-8") as f:
+      return [json.loads(line) for line in f]
+
+  assert [m["step"] for m in log(resumed)] == [2, 4]
+  assert log(resumed) == log(reference)

@@ -1,8 +1,9 @@
 """The one training loop every model uses: mesh, sharded state, jitted step, checkpoints, logs.
 
 A model plugs in as a `Task`: a pure `init(rng) -> TrainState`, a pure
-`step(state, batch) -> (state, metrics)`, a factory for its per-process batch iterator
-and an optional `preview(state, step)` (e.g. a PNG grid of EMA samples).
+`step(state, batch) -> (state, metrics)`, a factory for its per-process batch iterator,
+an optional `preview(state, step)` (e.g. a PNG grid of EMA samples) and an optional
+`evaluate(state) -> {name: value}` logged every `eval_every` steps (e.g. val mIoU).
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class Task:
   step: Callable[[TrainState, Any], tuple[TrainState, dict]]
   make_batches: Callable[[], Any]  # -> grain DatasetIterator of per-process NumPy batches
   preview: Callable[[TrainState, int], None] | None = None
+  # Run on every process at steps that are multiples of eval_every (0: never); only logged.
+  evaluate: Callable[[TrainState], dict[str, float]] | None = None
+  eval_every: int = 0
   # The run's identity (identity.py): the resolved config and the settings that shape the run,
   # recorded beside its checkpoints; resuming under other shaping settings is refused.
   config: Any = None
@@ -190,6 +194,11 @@ def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None =
                 + "Lower train.lr or raise train.warmup_steps, then re-run.")
           writer.scalars(step, values)
           bar.set_postfix(loss=f"{float(values['loss']):.4f}", refresh=False)
+        if task.evaluate is not None and task.eval_every and step % task.eval_every == 0:
+          # Before the save: a run killed while evaluating resumes from an earlier step and logs this one again.
+          scores = task.evaluate(state)
+          logging.info("%s: step %d: %s", task.name, step, {k: round(float(v), 4) for k, v in scores.items()})
+          writer.scalars(step, scores)
         if save:
           checkpoint.save(mngr, step, state, batches, {"step": step, "task": task.name})
         if task.preview is not None and t.sample_every and (step % t.sample_every == 0 or last):

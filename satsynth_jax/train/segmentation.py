@@ -5,6 +5,11 @@ R > 0: the first R x |D| synthetic pairs join, mixed into every batch at
 data.synthetic_fraction (the pipeline oversamples the smaller set, as the paper does). Each
 run has its own checkpoints, `<workdir>/checkpoints/<run>/`, so the paper's D vs D u D'
 comparison lives in one workdir.
+
+Every segmentation.eval_every steps the run scores the val split (evaluate.Evaluator, the
+program --mode=evaluate runs) and logs val_miou / val_mf1 beside its loss. Those points are
+a curve to watch, never a selection: a run's reported score is --mode=evaluate's on its last
+checkpoint, and no checkpoint is kept or picked for its val score.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from satsynth_jax import generator, identity, parallel, segmenter, workdir as layout
+from satsynth_jax import checkpoint, evaluate, generator, identity, parallel, segmenter, workdir as layout
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.models import resnet
@@ -99,6 +104,19 @@ def train_step(state: TrainState, batch, *, model: nn.Module, ignore_index: int,
   return state.apply_gradients(grads, batch_stats=batch_stats), metrics
 
 
+VAL_SCORES = ("miou", "mf1", "miou_no_background", "mf1_no_background")  # logged as val_<name>
+
+
+def val_scores(evaluator: evaluate.Evaluator, state: TrainState) -> dict[str, float]:
+  """val_miou, val_mf1 (and the means w/o background, if the dataset has one) of the live state.
+
+  Scores the variables a checkpoint of `state` would hold for --mode=evaluate (EMA if kept).
+  Logging only: the val split never chooses a checkpoint; the run's result stays the last one's.
+  """
+  scores = evaluator.scores(checkpoint.inference_variables(state))
+  return {f"val_{name}": scores[name] for name in VAL_SCORES if name in scores}
+
+
 def synthetic_source(config, workdir, ratio: int,
                      synthetic_dir: str | os.PathLike | None) -> tuple[str | None, int | None, dict | None]:
   """(synthetic folder or None, synthetic pairs to use, the set's identity) for a run with ratio R.
@@ -139,6 +157,9 @@ def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> 
   backbone = load_backbone(config, model)
   _, lr_schedule = optim.make_optimizer(t)
   batch = parallel.per_process_batch_size(t.batch_size, "segmentation.train.batch_size", mesh)
+  every = config.segmentation.eval_every
+  # Its own ordered pass over val: the run's batch iterator and step keys are never touched.
+  evaluator = evaluate.Evaluator(config, model, layout.data_dir(workdir, "val"), mesh) if every else None
   return loop.Task(
       name=run.name,
       init=functools.partial(init_state, model, pipeline.segmentation_size(config), t, backbone=backbone),
@@ -147,6 +168,8 @@ def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> 
       make_batches=lambda: iter(pipeline.segmentation_batches(
           config, layout.data_dir(workdir, "train"), synthetic, batch_size=batch, seed=run.seed, train=True,
           synthetic_fraction=config.data.synthetic_fraction, synthetic_count=synthetic_count)),
+      evaluate=functools.partial(val_scores, evaluator) if evaluator else None,
+      eval_every=every,
       config=config,
       shaping=segmenter.shaping(config, run, set_identity),
   )

@@ -38,16 +38,6 @@ HEADER = ["model", "program", "dtype", "batch", "GFLOP/img", "JAX img/s", "JAX %
 RESULTS_ENV = "SATSYNTH_BENCH_RESULTS"
 
 
-def override(config, values: dict):
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
 def matmul_tflops(n: int, repeats: int = 10) -> float:
   """Best TFLOP/s of an n x n bfloat16 matmul (float32 accumulation) on the default device."""
   a = jnp.ones((n, n), jnp.bfloat16)
@@ -92,7 +82,7 @@ class Run:
 
 def unet_config(args, dtype: str):
   from satsynth_jax.configs import demo, isaid  # pylint: disable=g-import-not-at-top
-  config = override(demo.get_config(), TINY_UNET) if args.tiny else isaid.get_config()
+  config = common.overridden(demo.get_config(), TINY_UNET) if args.tiny else isaid.get_config()
   config.dtype = dtype
   return config
 
@@ -136,7 +126,7 @@ def fpn_train(run: Run, dtype: str) -> None:
   config = isaid.get_config()
   config.data.image_size = 256
   if args.tiny:
-    override(config, TINY_FPN)
+    common.overridden(config, TINY_FPN)
   config.dtype = dtype
   ours = segmentation.JaxFPN(config, args.fpn_batch)
   program, flops = ours.train_program()

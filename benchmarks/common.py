@@ -68,6 +68,12 @@ def task_setup(task, batch: int, seed: int) -> TaskSetup:
   return TaskSetup(mesh, parallel.batch_sharding(mesh), loop.init_state(task, mesh, seed), loop.compile_step(task, mesh))
 
 
+def overridden(config, values: dict):
+  """`config` with dotted overrides applied, e.g. {"data.image_size": 16}."""
+  config.update_from_flattened_dict(dict(values))
+  return config
+
+
 def cpu_model() -> str:
   cpuinfo = pathlib.Path("/proc/cpuinfo")
   if cpuinfo.exists():

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import math
 import os
 import shutil
@@ -43,19 +44,6 @@ class Result:
   calls: int  # generate calls (batches) per set
   sample_mode_s: float
   sampler_s: float
-
-
-def load_config(name: str, overrides: dict):
-  """configs/<name>.py with dotted overrides."""
-  import importlib  # pylint: disable=g-import-not-at-top
-  config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
 
 
 def make_workdir(config, workdir: str) -> None:
@@ -146,7 +134,7 @@ def main(argv=None) -> str:
       overrides[key] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       overrides[key] = value
-  config = load_config(args.config, overrides)
+  config = common.overridden(importlib.import_module(f"satsynth_jax.configs.{args.config}").get_config(), overrides)
   load = common.load_average()
   with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:
     workdir = args.workdir or os.path.join(tmp, "workdir")

@@ -89,7 +89,7 @@ def test_image_and_mask_of_different_sizes_stop_prepare_naming_both_files(tmp_pa
 def test_a_missing_checkpoint_or_set_names_the_folder_and_the_mode_that_makes_it(prepared, mode, run):
   if run is None:  # R=1 needs G's synthetic set: its absence is named
     line = error_line(cli(mode, prepared, {**TINY, "data.synthetic_ratio": 1}, timeout=300))
-    assert f"{prepared / 'synthetic' / RUN / 'manifest.json'} is missing" in line, line
+    assert f"synthetic set {prepared / 'synthetic' / RUN}, which does not exist; run --mode=sample first" in line, line
     return
   line = error_line(cli(mode, prepared, TINY, timeout=300))
   made_by = "train_diffusion" if mode == "sample" else "train_segmentation"

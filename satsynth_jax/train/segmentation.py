@@ -128,6 +128,10 @@ def synthetic_source(config, workdir, ratio: int,
     return None, None, None
   real_dir = layout.data_dir(workdir, "train")
   num_real = records.read_manifest(real_dir)["num_examples"]
+  if not os.path.isdir(synthetic_dir):  # the common case: the set was never sampled
+    raise NotEnoughSyntheticDataError(
+        f"config.data.synthetic_ratio={ratio} needs the synthetic set {synthetic_dir}, which does not exist; "
+        f"run --mode=sample first (or --mode=curate for a curated set), or set data.synthetic_ratio=0")
   manifest = records.read_manifest(synthetic_dir)
   available = manifest["num_examples"]
   needed = ratio * num_real

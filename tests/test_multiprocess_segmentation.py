@@ -102,12 +102,7 @@ def test_training_on_two_processes_equals_one_process_on_the_same_global_batches
     for key in a:
       assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
   two, one = _restore(config, multi), _restore(config, single)
-  for name in ("params", "batch_stats", "opt_state"):
-    leaves_a, leaves_b = jax.tree.leaves(two[name]), jax.tree.leaves(one[name])
-    assert len(leaves_a) == len(leaves_b) > 0, name
-    for x, y in zip(leaves_a, leaves_b):
-      # Sums in another order; Adam's step on a ~0 gradient is rounding-noise sized (see test_multiprocess).
-      np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5, err_msg=name)
+  mp_launch.assert_states_match(two, one, ("params", "batch_stats", "opt_state"))
 
 
 def test_evaluate_on_two_processes_counts_each_val_example_once_and_matches_one_process(checkpointed, tmp_path):

@@ -151,13 +151,14 @@ def _short(error: BaseException) -> str:
 
 class _AbandonedReads(logging_std.Filter):
   """A failed restore leaves orbax's other reads of that step running: asyncio later logs their
-  errors, and tensorstore callbacks into orbax's closed event loop reach sys.unraisablehook,
-  both with tracebacks. The failure is already reported in one line; these echoes are dropped."""
+  errors, and tensorstore callbacks into orbax's closed event loop report through
+  sys.unraisablehook or (PyErr_Print) sys.excepthook, all with tracebacks. The failure is already
+  reported in one line; these echoes are dropped."""
 
   def __init__(self):
     super().__init__()
     self.paths: set[str] = set()
-    self._hook = None
+    self._unraisable = self._excepthook = None
 
   def filter(self, record) -> bool:
     error = record.exc_info[1] if record.exc_info else record.__dict__.get("exception")
@@ -165,18 +166,28 @@ class _AbandonedReads(logging_std.Filter):
       return True
     return not any(path in str(error) for path in self.paths)
 
-  def unraisable(self, info) -> None:
-    frames = traceback.extract_tb(info.exc_traceback) if info.exc_traceback else []
-    closed_loop = (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == "Event loop is closed"
+  def is_echo(self, error: BaseException | None, tb) -> bool:
+    frames = traceback.extract_tb(tb) if tb else []
+    closed_loop = (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
                    and frames and frames[-1].filename.endswith(os.path.join("asyncio", "base_events.py")))
-    if not (closed_loop or any(path in str(info.exc_value) for path in self.paths)):  # e.g. an abandoned read
-      self._hook(info)
+    return bool(closed_loop or any(path in str(error) for path in self.paths))  # or an abandoned read
+
+  def unraisable(self, info) -> None:
+    if not self.is_echo(info.exc_value, info.exc_traceback):
+      self._unraisable(info)
+
+  def excepthook(self, kind, error, tb) -> None:
+    if not self.is_echo(error, tb):
+      self._excepthook(kind, error, tb)
 
   def watch(self, step_dir: str) -> None:
     if not self.paths:
       logging_std.getLogger("asyncio").addFilter(self)
-    if sys.unraisablehook != self.unraisable:  # (re)install: a test runner may have replaced it
-      self._hook, sys.unraisablehook = sys.unraisablehook, self.unraisable
+    # (re)install: a test runner or absl may have replaced them since
+    if sys.unraisablehook != self.unraisable:
+      self._unraisable, sys.unraisablehook = sys.unraisablehook, self.unraisable
+    if sys.excepthook != self.excepthook:
+      self._excepthook, sys.excepthook = sys.excepthook, self.excepthook
     self.paths.add(step_dir)
 
 

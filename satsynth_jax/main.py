@@ -244,8 +244,15 @@ def main(argv):
     except config_check.ConfigError as e:
       fail(str(e))
     primary, processes = jax.process_index() == 0, jax.process_count()
+    if processes > 1 and jax.default_backend() == "cpu":
+      # JAX writes the persistent cache from process 0 only, and the other processes' keys differ:
+      # with a warm cache process 0 would start stepping while the rest still compile, and the
+      # first collective outlasts gloo's fixed 30 s wait. Compiling on every process keeps them level.
+      jax.config.update("jax_enable_compilation_cache", False)
+      logging.info("persistent compilation cache off: a multi-process CPU run compiles on every process")
     if cpu_devices and jax.default_backend() == "cpu":
-      logging.info("data-parallel over %d CPU devices (one per core that every batch divides)", cpu_devices)
+      logging.info("data-parallel over %d CPU devices (one per core that every batch divides); XLA_FLAGS=%s",
+                   cpu_devices, os.environ.get("XLA_FLAGS", ""))
   if _ALLOW_FALLBACK.value:
     from satsynth_jax import checkpoint  # noqa: PLC0415  (imports orbax: kept off prepare's path)
     checkpoint.configure(allow_fallback=True)

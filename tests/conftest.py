@@ -7,6 +7,9 @@ import sys
 
 # Must precede the first jax import in the session.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from satsynth_jax import host_devices  # noqa: E402  (imports no jax)
+if host_devices.jaxlib_version() >= host_devices.CONV_FLAG_SINCE and "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += f" {host_devices.CONV_FLAG}"  # the convolutions the CLI runs (host_devices.py)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and their CLI subprocesses) compile the same small models: share the work.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/satsynth_jax_test_xla_cache")

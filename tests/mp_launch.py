@@ -23,14 +23,13 @@ NUM_PROCESSES = 2
 # at load average 10; the limit only ends a hung launch, so it is wide.
 TIMEOUT_S = 600
 PORT_IN_USE = ("address already in use", "failed to bind", "errno 98", "failed to add port")
-# Gloo gives a process 30 s (fixed in jaxlib) to join the other at a new collective. JAX writes its
-# persistent compile cache from process 0 only and process 1 misses it here, so with a warm cache
-# process 0 starts stepping while process 1 still compiles (minutes on 2 loaded cores) and the
-# first collective fails with this. Launches therefore compile cold on both (NO_CACHE); should a
-# slow start still run out, the launch is ended at once and relaunched. (The production fix, a
-# coordination-service barrier after compiling, is described in the issue 16 report.)
+# Gloo gives a process 30 s (fixed in jaxlib) to join the others at a new collective. JAX writes its
+# persistent compile cache from process 0 only and process 1 misses it, so with a warm cache
+# process 0 would start stepping while process 1 still compiles; the CLI therefore turns the cache
+# off for multi-process CPU runs (main.py), and launch_ok checks that it did. Should a slow start
+# on a loaded machine still run out, the launch is ended at once and relaunched.
 GLOO_TIMEOUT = "gloo context initialization failed"
-NO_CACHE = {"JAX_ENABLE_COMPILATION_CACHE": "false"}
+CACHE_OFF = "persistent compilation cache off"
 RETRIED = PORT_IN_USE + (GLOO_TIMEOUT,)
 ATTEMPTS = 3
 
@@ -46,7 +45,7 @@ def _start(workdir, mode: str, flags: list[str], log_prefix: pathlib.Path, port:
   procs = []
   for index in range(NUM_PROCESSES):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           **NO_CACHE, **(more_env or {})}
+           **(more_env or {})}
     args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
             f"--mode={mode}", *flags]
     if via_env:
@@ -116,6 +115,8 @@ def launch_ok(workdir, mode: str, overrides: dict, logs: pathlib.Path, **kwargs)
   results = launch(workdir, mode, overrides, logs, **kwargs)
   if any(code != 0 for code, _ in results):
     fail(f"{mode} on {NUM_PROCESSES} processes failed or ran past its time limit", results)
+  if not all(CACHE_OFF in text for _, text in results):
+    fail("a multi-process CPU run kept the persistent compilation cache (main.py turns it off)", results)
   return [text for _, text in results]
 
 

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from conftest import load_config
 from satsynth_jax import generator, parallel
@@ -14,6 +15,7 @@ def _neighbour_agreement(masks: np.ndarray) -> float:
   return float(np.mean([(masks[:, :, 1:] == masks[:, :, :-1]).mean(), (masks[:, 1:] == masks[:, :-1]).mean()]))
 
 
+@pytest.mark.slow
 def test_demo_samples_have_real_like_class_structure(tmp_path):
   # The demo config at 16 px on one device (4 virtual CPU devices would only add overhead).
   config = load_config("demo", **{"data.image_size": 16, "data.patch_size": 32, "data.demo_num_scenes": 8,

@@ -339,3 +339,42 @@ def test_every_schedule_table_matches_its_float64_formula():
   for bad in [(1, 0.1, 0.2), (5, 0.0, 0.2), (5, 0.1, 1.0)]:
     with pytest.raises(ValueError):
       schedule.linear_schedule(*bad)
+
+
+# ---- sampler settings the exact-denoiser tests cannot see ----
+
+
+def _overshooting_x0(x, t):
+  """An x0 prediction beyond the data range on both sides (reaching 1..2 and past 2), and not
+  monotone in x_t, so that clipping it changes where the trajectories end (a growing one like
+  1.5 x_t ends beyond +-1 either way, and the final clip hides the difference)."""
+  del t
+  return 2.5 * jnp.sin(3.0 * x)
+
+
+def _self_clipping_x0(x, t):
+  return jnp.clip(_overshooting_x0(x, t), -1.0, 1.0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_clip_x0_is_on_by_default_and_clips_to_exactly_minus_one_one(sampler):
+  """Killed mutants: clip_x0 defaulting to False, clipping disabled, or to other bounds. The
+  sampler's own clip must equal a denoiser that clips its x0 itself, and differ from no clip."""
+  sched = schedule.linear_schedule(20, 1e-3, 5e-2)
+  run = functools.partial(sampling.sample_ddpm if sampler == "ddpm" else
+                          functools.partial(sampling.sample_ddim, num_steps=5),
+                          sched=sched, shape=(16, 4, 4, 1), rng=jax.random.key(3), prediction="x0")
+  default = run(_overshooting_x0)
+  reference = run(_self_clipping_x0, clip_x0=False)
+  np.testing.assert_allclose(default, reference, atol=1e-6)
+  assert not np.allclose(run(_overshooting_x0, clip_x0=False), reference, atol=1e-3)
+
+
+def test_ddim_defaults_to_the_deterministic_eta_0_and_allows_one_step():
+  sched = schedule.linear_schedule(20, 1e-3, 5e-2)
+  run = functools.partial(sampling.sample_ddim, _self_clipping_x0, sched, (4, 4, 4, 1), jax.random.key(0),
+                          prediction="x0")
+  np.testing.assert_array_equal(run(num_steps=4), run(num_steps=4, eta=0.0))
+  assert not np.allclose(run(num_steps=4), run(num_steps=4, eta=1.0))
+  assert sampling.ddim_timesteps(1000, 1).tolist() == [999]
+  assert run(num_steps=1).shape == (4, 4, 4, 1)

@@ -356,3 +356,49 @@ def test_encode_real_pair_defaults_to_bits_and_jits():
   assert bits.shape == (2, 2, 3 + labels.num_bits(5))  # "bits" when no encoding is given
   jitted = jax.jit(lambda i, m: labels.encode_real_pair(i, m, 5, "bits", ignore_index=255, no_data_code=False))
   np.testing.assert_allclose(np.asarray(jitted(jnp.asarray(image), jnp.asarray(mask))), bits, atol=1e-6)
+
+
+@pytest.mark.parametrize("ignore_index", [0, 1, 5])
+def test_an_ignore_index_that_is_a_class_is_refused_including_class_0(ignore_index):
+  """Killed mutants `1 <= ignore_index` and `0 < ignore_index` (class 0 accepted as no-data)."""
+  with pytest.raises(ValueError, match=f"ignore_index={ignore_index} collides"):
+    labels.encode(np.zeros((2, 2), np.int32), 6, ignore_index=ignore_index)
+  labels.encode(np.zeros((2, 2), np.int32), 6, ignore_index=6)  # the first index past the classes is fine
+
+
+def test_sample_decoders_pass_the_tie_breaking_rng_through():
+  """Label channels at exactly 0 are equidistant from every bit code of K=4: only the rng breaks
+  the ties. decode_signed and decode_pair must hand it to decode, not fall back to argmin."""
+  label = np.zeros((64, 64, 2), np.float32)  # signed units: the midpoint of every code
+  joint = np.concatenate([np.zeros((64, 64, 3), np.float32), label], axis=-1)
+  spread = labels.decode_signed(label, 4, rng=np.random.default_rng(0))
+  assert set(np.unique(spread).tolist()) == {0, 1, 2, 3}  # argmin alone would give class 0 everywhere
+  np.testing.assert_array_equal(spread, labels.decode(np.full((64, 64, 2), 0.5, np.float32), 4,
+                                                      rng=np.random.default_rng(0)))
+  _, mask = labels.decode_pair(joint, 4, rng=np.random.default_rng(0))
+  np.testing.assert_array_equal(mask, spread)
+
+
+def test_defaults_dtypes_and_unknown_encodings():
+  """Killed mutants: the "bits" default, float32 one-hot codes, uint8 decoded images, and an
+  unknown encoding that class_codes must refuse rather than treat as bits."""
+  assert labels.num_label_channels(6) == 3 and labels.num_label_channels(6, ignore_index=6) == 3
+  assert labels.num_label_channels(8, ignore_index=8) == 4
+  assert labels.class_codes(5, "onehot").dtype == np.float32
+  assert labels.encode(np.array([[0, 4]]), 5, "onehot").dtype == np.float32
+  image, _ = labels.decode_pair(np.zeros((2, 2, 6), np.float32), 6)
+  assert image.dtype == np.uint8
+  with pytest.raises(ValueError, match="unknown label encoding 'gray'"):
+    labels.class_codes(4, "gray")
+
+
+def test_one_hot_decoding_separates_channels_closer_than_float32_rounding_of_1_minus_2x():
+  """-x keeps the tiny margin that 1 - 2x would round away: channel 1 wins, not the lowest index."""
+  codes = np.array([[0.0, 1e-9, 0.0, 0.0]], np.float32)
+  assert labels.decode(codes, 4, "onehot").tolist() == [1]
+
+
+def test_values_that_wrap_into_a_class_under_an_int32_cast_are_refused():
+  """2**32 + 3 would become class 3 if narrowed to int32 before the range check."""
+  with pytest.raises(ValueError, match="4294967299"):
+    labels.encode(np.array([[2**32 + 3]], np.int64), 6)

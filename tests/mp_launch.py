@@ -134,3 +134,13 @@ def assert_states_match(two: dict, one: dict, names) -> None:
     assert len(leaves_a) == len(leaves_b) > 0, name
     for x, y in zip(leaves_a, leaves_b):
       np.testing.assert_allclose(x, y, rtol=1e-5, atol=5e-5, err_msg=name)
+
+
+def assert_logs_match(two: list[dict], one: list[dict], steps: list[int], atol: float) -> None:
+  """The 2-process run's logged metrics equal the 1-process run's at the same steps (float32
+  reduction-order error only)."""
+  assert [m["step"] for m in two] == [m["step"] for m in one] == steps
+  for a, b in zip(two, one):
+    assert a.keys() == b.keys()
+    for key in a:
+      assert a[key] == pytest.approx(b[key], rel=1e-5, abs=atol), key

@@ -142,12 +142,7 @@ def sampled(two_processes):
 
 def test_losses_equal_a_single_process_run_on_the_same_global_batches(two_processes, one_process):
   (config, multi, _), single = two_processes, one_process
-  two, one = _metrics(multi), _metrics(single)
-  assert [m["step"] for m in two] == [m["step"] for m in one] == [2, 4]
-  for a, b in zip(two, one):
-    assert a.keys() == b.keys()
-    for key in a:
-      assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+  mp_launch.assert_logs_match(_metrics(multi), _metrics(single), [2, 4], atol=1e-7)
 
 
 def test_final_params_equal_a_single_process_run(two_processes, one_process):

@@ -95,12 +95,7 @@ def test_training_on_two_processes_equals_one_process_on_the_same_global_batches
                              make_batches=lambda: iter(grain.MapDataset.source(batches).to_iter_dataset()))
   loop.train(task, config.segmentation.train, str(single), seed=run.seed, mesh=mesh)
 
-  two, one = _log(multi), _log(single)
-  assert [m["step"] for m in two] == [m["step"] for m in one] == [2, 4]
-  for a, b in zip(two, one):
-    assert a.keys() == b.keys()
-    for key in a:
-      assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+  mp_launch.assert_logs_match(_log(multi), _log(single), [2, 4], atol=1e-6)
   two, one = _restore(config, multi), _restore(config, single)
   mp_launch.assert_states_match(two, one, ("params", "batch_stats", "opt_state"))
 

@@ -29,10 +29,10 @@ import jax.numpy as jnp
 from benchmarks import common, diffusion, segmentation
 
 TINY_UNET = {  # a U-Net that compiles in seconds on a CPU
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1, 2), "diffusion.model.num_res_blocks": 1,
-    "diffusion.model.attn_resolutions": (8,), "diffusion.timesteps": 50, "data.image_size": 16,
+    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
+    "diffusion.model.attn_resolutions": (8,), "diffusion.timesteps": 50, "data.image_size": 8,
 }
-TINY_FPN = {"segmentation.backbone_stages": (1, 1, 1, 1), "segmentation.base_width": 16, "data.image_size": 64}
+TINY_FPN = {"segmentation.backbone_stages": (1, 1, 1, 1), "segmentation.base_width": 16, "data.image_size": 32}
 HEADER = ["model", "program", "dtype", "batch", "GFLOP/img", "JAX img/s", "JAX % bf16 peak", "peer",
           "peer img/s", "torch.compile img/s", "JAX / peer", "JAX / torch.compile"]
 RESULTS_ENV = "SATSYNTH_BENCH_RESULTS"

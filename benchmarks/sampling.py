@@ -12,8 +12,8 @@ that a real checkpoint exists), then times, alternating, best of --rounds:
                steps) called as often as the sample mode calls it, blocking on the last batch
 sample.run overlaps the host's encoding and writing of one shard with the next shard's
 denoising, so its images/s should come close to the bare sampler's. Compilation is kept out of
-both: a persistent compilation cache (warmed by an untimed first run) serves sample.run's
-program, and the bare sampler is compiled ahead of time.
+both: a persistent compilation cache (the caller's if set, else a temporary one; warmed by an
+untimed first run) serves sample.run's program, and the bare sampler is compiled ahead of time.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ def main(argv=None) -> str:
   load = common.load_average()
   with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:
     workdir = args.workdir or os.path.join(tmp, "workdir")
-    enable_compilation_cache(os.path.join(tmp, "jax_cache"))
+    if not jax.config.jax_compilation_cache_dir:  # keep the caller's cache (the test suite's) if it has one
+      enable_compilation_cache(os.path.join(tmp, "jax_cache"))
     if not os.path.exists(os.path.join(workdir, "checkpoints")):
       start = time.perf_counter()
       make_workdir(config, workdir)

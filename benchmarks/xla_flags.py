@@ -37,6 +37,8 @@ FLAG_SETS = (
     ("default", "", True, 0),
     ("YNNPACK off (Eigen convs and dots)", YNN_OFF, True, 0),
     ("YNNPACK without convs", "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution", True, 0),
+    ("YNNPACK without convs, LLVM -O1",
+     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution --xla_backend_optimization_level=1", True, 0),
     ("YNNPACK + eltwise fusions", "--xla_cpu_experimental_ynn_fusion_type=+eltwise", True, 0),
     ("oneDNN (YNNPACK off)", f"--xla_cpu_use_onednn=true {YNN_OFF}", True, 0),
     ("oneDNN fusions dot,eltwise (YNNPACK off)",

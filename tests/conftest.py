@@ -6,7 +6,11 @@ import subprocess
 import sys
 
 # Must precede the first jax import in the session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# The suite compiles far more than it runs: LLVM at -O1 compiles the demo's train steps 16-26%
+# faster than XLA's default -O2 (benchmarks/compile_time.py, RESULTS.md). Every test process and
+# CLI subprocess gets it; the CLI itself keeps XLA's default.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}")
 from satsynth_jax import host_devices  # noqa: E402  (imports no jax)
 if host_devices.jaxlib_version() >= host_devices.CONV_FLAG_SINCE and "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += f" {host_devices.CONV_FLAG}"  # the convolutions the CLI runs (host_devices.py)
@@ -55,6 +59,12 @@ def config_flag(key: str, value) -> str:
   return f"--config.{key}={value}"
 
 
+def cpu_env(devices: int, **more) -> dict:
+  """This environment with `devices` forced CPU devices and the suite's XLA flags, for a subprocess
+  (the CLI adds its own CPU flags, host_devices.py)."""
+  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}", **more}
+
+
 def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout: int = 900) -> str:
   """`python -m satsynth_jax.main` as a user runs it, on one CPU device; asserts success, returns stdout.
 
@@ -63,7 +73,7 @@ def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout:
   """
   cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", f"--mode={mode}",
          f"--workdir={workdir}", *(config_flag(k, v) for k, v in overrides.items())]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(devices=1)
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout

@@ -7,7 +7,6 @@ a failed process ends the launch at once (the others are killed) rather than at 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cpu_env
 
 NUM_PROCESSES = 2
 # A launch (start-up, compile, a few steps) takes 15-60 s on the 2 shared cores and about 150 s
@@ -44,8 +43,7 @@ def _start(workdir, mode: str, flags: list[str], log_prefix: pathlib.Path, port:
   address = f"127.0.0.1:{port}"
   procs = []
   for index in range(NUM_PROCESSES):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           **(more_env or {})}
+    env = cpu_env(devices=2, JAX_PLATFORMS="cpu", **(more_env or {}))
     args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
             f"--mode={mode}", *flags]
     if via_env:

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flag, load_config
+from conftest import REPO, config_flag, cpu_env, load_config
 from satsynth_jax import checkpoint, workdir as layout
 from satsynth_jax.data import prepare
 from test_reliability import RUN, TINY, cli, error_line
@@ -128,7 +128,7 @@ def test_sigterm_saves_a_complete_checkpoint_exits_in_one_line_and_the_rerun_res
                "diffusion.train.checkpoint_every": SIGTERM_STEPS}
   cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=train_diffusion",
          f"--workdir={prepared}", *(config_flag(k, v) for k, v in overrides.items())]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(devices=1)
   metrics = prepared / "metrics" / f"{RUN}.jsonl"
   with open(prepared.parent / "stderr.log", "w+") as err:
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)

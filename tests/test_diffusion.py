@@ -163,6 +163,24 @@ def test_loss_is_zero_for_perfect_predictors_and_targets_x0_in_x0_mode():
     schedule.diffusion_loss(zero, None, SCHED, x0, jax.random.key(1), prediction="v")
 
 
+def test_loss_draws_every_timestep_uniformly_and_regresses_the_noise_by_default():
+  """t ~ U{0..T-1}, 0 included (the step that learns the last denoising move), and eps is the
+  default target (the paper's)."""
+  sched = schedule.linear_schedule(4)
+  seen = []
+
+  def record_t(params, x, t, *, train, rngs, cond):
+    seen.append(np.asarray(t))
+    return jnp.zeros_like(x)
+
+  x0 = jnp.full((4000, 1, 1, 1), 0.5)
+  loss, _ = schedule.diffusion_loss(record_t, None, sched, x0, jax.random.key(0))  # eager: t is concrete
+  counts = np.bincount(seen[0], minlength=5)
+  assert counts[4] == 0 and np.all(np.abs(counts[:4] - 1000) < 150), counts  # 1000 +- 4.6 sigma each
+  eps_loss, _ = schedule.diffusion_loss(record_t, None, sched, x0, jax.random.key(0), prediction="eps")
+  assert float(loss) == float(eps_loss) and abs(float(loss) - 1.0) < 0.1  # E[eps^2], not E[x0^2] = 0.25
+
+
 def test_loss_under_jit_with_sharded_batch():
   mesh = _mesh()
   batch = NamedSharding(mesh, P("data"))

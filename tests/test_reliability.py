@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, config_flag, run_main
+from conftest import REPO, config_flag, cpu_env, run_main
 
 PREFIX = "satsynth_jax: error: "
 RUN = "diffusion_x0"  # the demo's G: x0 prediction
@@ -38,7 +38,7 @@ def cli(mode, workdir, overrides=None, *flags, config="demo", timeout=600):
   """The CLI on one CPU device, as a user runs it; the CompletedProcess, whatever its exit code."""
   cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", f"--mode={mode}",
          f"--workdir={workdir}", *(config_flag(k, v) for k, v in (overrides or {}).items()), *flags]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  env = cpu_env(devices=1)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -84,7 +84,7 @@ def test_batch_not_divisible_by_the_devices_fails_in_one_line(tmp_path):
   workdir = tmp_path / "w"
   cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=train_diffusion",
          f"--workdir={workdir}", config_flag("diffusion.train.batch_size", 6)]
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  env = cpu_env(devices=4)
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   line = error_line(result, alone=True)
   assert "config.diffusion.train.batch_size=6: is not divisible by the 4 devices" in line

@@ -42,7 +42,7 @@ for m in "${modules[@]}"; do
 done
 
 # The test conftest sets these too, but mutmut's fork server imports JAX before any conftest runs.
-export JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=4 OPENBLAS_NUM_THREADS=1
+export JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=1" OPENBLAS_NUM_THREADS=1
 # Every mutant is a fresh process that compiles the same small programs again: cache them all
 # (a mutant only adds entries for the programs it changes), apart from the test suite's cache.
 export JAX_COMPILATION_CACHE_DIR=${MUTATION_XLA_CACHE:-/tmp/satsynth_jax_mutation_xla_cache}

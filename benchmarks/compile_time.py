@@ -1,0 +1,113 @@
+"""Cold compile time and step time of the demo's train steps under XLA:CPU flag sets.
+
+Run from the repository root (each run pinned to one core, no persistent compilation cache):
+
+  python -m benchmarks.compile_time --rounds=3
+
+Compiling is most of a short CPU run's time (the demo's stages, the test suite), so a flag that
+compiles faster at an equal step time is worth making the CPU default (host_devices.py). Each
+(flag set, round) runs in its own subprocess, as XLA reads XLA_FLAGS once per process; the sets
+alternate within each round. Programs: the demo G's train step (32 px, batch 16) and the demo
+segmenter's (ResNet-14 FPN, 32 px, batch 32), compiled ahead of time, then stepped 5 times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+FLAG_SETS = (("LLVM -O2 (XLA's default)", CONV), ("LLVM -O1", f"{CONV} --xla_backend_optimization_level=1"))
+RESULT = "RESULT "
+
+
+def _timed_program(step, state, batch) -> tuple[float, float]:
+  """(compile seconds, mean seconds per step over 5 steps after one warm-up)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  compiled = step.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  out = compiled(state, batch)
+  jax.block_until_ready(out)
+  start = time.perf_counter()
+  for _ in range(5):
+    out = compiled(out[0], batch)
+  jax.block_until_ready(out)
+  return compile_s, (time.perf_counter() - start) / 5
+
+
+def worker() -> dict:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import generator, segmenter  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.diffusion import schedule  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.train import diffusion, optim, segmentation  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_enable_compilation_cache", False)
+  c = demo.get_config()
+  size, t = c.data.image_size, c.diffusion.train
+  g = generator.build_g(c)
+  channels = generator.joint_channels(c)
+  g_state = diffusion.init_state(g, size, channels, t, jax.random.key(0))
+  g_step = jax.jit(functools.partial(diffusion.train_step, model=g, sched=schedule.linear_schedule(c.diffusion.timesteps),
+                                     prediction=c.diffusion.prediction, lr_schedule=optim.make_optimizer(t)[1]))
+  g_times = _timed_program(g_step, g_state, {"x": jnp.zeros((t.batch_size, size, size, channels))})
+  s = c.segmentation.train
+  model = segmenter.build(c, "fpn")
+  s_state = segmentation.init_state(model, size, s, jax.random.key(0))
+  s_step = jax.jit(functools.partial(segmentation.train_step, model=model, ignore_index=c.data.ignore_index,
+                                     lr_schedule=optim.make_optimizer(s)[1]))
+  batch = {"image": jnp.zeros((s.batch_size, size, size, 3)), "mask": jnp.zeros((s.batch_size, size, size), jnp.int32),
+           "is_synthetic": jnp.zeros((s.batch_size,), bool)}
+  s_times = _timed_program(s_step, s_state, batch)
+  return {"g": g_times, "fpn": s_times}
+
+
+def run(flags: str) -> dict:
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {flags}", JAX_PLATFORMS="cpu")
+  done = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "benchmarks.compile_time", "--worker"],
+                        env=env, capture_output=True, text=True, timeout=1800, check=False)
+  for line in done.stdout.splitlines():
+    if line.startswith(RESULT):
+      return json.loads(line[len(RESULT):])
+  raise RuntimeError(f"worker failed ({flags}): {done.stderr[-2000:]}")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.worker:
+    print(RESULT + json.dumps(worker()), flush=True)
+    return
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  load = common.load_average()
+  results = {name: [] for name, _ in FLAG_SETS}
+  for r in range(args.rounds):
+    for name, flags in FLAG_SETS:
+      results[name].append(run(flags))
+      print(f"round {r + 1} {name}: {results[name][-1]}", file=sys.stderr, flush=True)
+  base = FLAG_SETS[0][0]
+  rows = []
+  for model, label in (("g", "demo G train step"), ("fpn", "demo FPN train step")):
+    for name, flags in FLAG_SETS:
+      compiles = [r[model][0] for r in results[name]]
+      steps = [r[model][1] for r in results[name]]
+      ratio = statistics.mean(compiles) / statistics.mean([r[model][0] for r in results[base]])
+      rows.append([label, name, " / ".join(f"{x:.1f}" for x in compiles), f"{ratio:.2f}",
+                   " / ".join(f"{1e3 * x:.0f}" for x in steps)])
+  print(f"- {common.cpu_model()}, one pinned core per run; load average {load} at the start, "
+        f"{common.load_average()} at the end\n")
+  print(common.markdown_table(["program", "flags", "compile s (per round)", "compile / -O2", "step ms (per round)"],
+                              rows))
+
+
+if __name__ == "__main__":
+  main()

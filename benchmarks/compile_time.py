@@ -7,8 +7,9 @@ Run from the repository root (each run pinned to one core, no persistent compila
 Compiling is most of a short CPU run's time (the demo's stages, the test suite), so a flag that
 compiles faster at an equal step time is worth making the CPU default (host_devices.py). Each
 (flag set, round) runs in its own subprocess, as XLA reads XLA_FLAGS once per process; the sets
-alternate within each round. Programs: the demo G's train step (32 px, batch 16) and the demo
-segmenter's (ResNet-14 FPN, 32 px, batch 32), compiled ahead of time, then stepped 5 times.
+alternate within each round. Programs: the training loop's jitted steps of the demo G (32 px, batch
+16) and of the demo segmenter (ResNet-14 FPN, 32 px, batch 32), compiled ahead of time, then
+stepped 5 times.
 """
 
 from __future__ import annotations
@@ -26,47 +27,24 @@ FLAG_SETS = (("LLVM -O2 (XLA's default)", CONV), ("LLVM -O1", f"{CONV} --xla_bac
 RESULT = "RESULT "
 
 
-def _timed_program(step, state, batch) -> tuple[float, float]:
-  """(compile seconds, mean seconds per step over 5 steps after one warm-up)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  start = time.perf_counter()
-  compiled = step.lower(state, batch).compile()
-  compile_s = time.perf_counter() - start
-  out = compiled(state, batch)
-  jax.block_until_ready(out)
+def _compile_and_step(program) -> tuple[float, float]:
+  """(compile seconds, mean seconds per step over 5 steps after one warm-up) of a common.Program."""
+  program.call()
   start = time.perf_counter()
   for _ in range(5):
-    out = compiled(out[0], batch)
-  jax.block_until_ready(out)
-  return compile_s, (time.perf_counter() - start) / 5
+    program.call()
+  return program.compile_seconds, (time.perf_counter() - start) / 5
 
 
 def worker() -> dict:
-  import functools  # pylint: disable=g-import-not-at-top
+  """The training loop's own jitted steps (benchmarks.diffusion / benchmarks.segmentation), compiled cold."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from satsynth_jax import generator, segmenter  # pylint: disable=g-import-not-at-top
+  from benchmarks import diffusion, segmentation  # pylint: disable=g-import-not-at-top
   from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.diffusion import schedule  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.train import diffusion, optim, segmentation  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_enable_compilation_cache", False)
-  c = demo.get_config()
-  size, t = c.data.image_size, c.diffusion.train
-  g = generator.build_g(c)
-  channels = generator.joint_channels(c)
-  g_state = diffusion.init_state(g, size, channels, t, jax.random.key(0))
-  g_step = jax.jit(functools.partial(diffusion.train_step, model=g, sched=schedule.linear_schedule(c.diffusion.timesteps),
-                                     prediction=c.diffusion.prediction, lr_schedule=optim.make_optimizer(t)[1]))
-  g_times = _timed_program(g_step, g_state, {"x": jnp.zeros((t.batch_size, size, size, channels))})
-  s = c.segmentation.train
-  model = segmenter.build(c, "fpn")
-  s_state = segmentation.init_state(model, size, s, jax.random.key(0))
-  s_step = jax.jit(functools.partial(segmentation.train_step, model=model, ignore_index=c.data.ignore_index,
-                                     lr_schedule=optim.make_optimizer(s)[1]))
-  batch = {"image": jnp.zeros((s.batch_size, size, size, 3)), "mask": jnp.zeros((s.batch_size, size, size), jnp.int32),
-           "is_synthetic": jnp.zeros((s.batch_size,), bool)}
-  s_times = _timed_program(s_step, s_state, batch)
-  return {"g": g_times, "fpn": s_times}
+  g = diffusion.JaxUNet(demo.get_config(), demo.get_config().diffusion.train.batch_size)
+  fpn = segmentation.JaxFPN(demo.get_config(), demo.get_config().segmentation.train.batch_size)
+  return {"g": _compile_and_step(g.train_program()[0]), "fpn": _compile_and_step(fpn.train_program()[0])}
 
 
 def run(flags: str) -> dict:

@@ -64,15 +64,6 @@ def kind_of(op_name: str) -> str:
   return "other (aten)"
 
 
-def peer_config(model: str, size: int):
-  """The config `xla_flags.worker` gives the peer: demo G at its own size, iSAID's FPN at `size`."""
-  from satsynth_jax.configs import demo, isaid  # pylint: disable=g-import-not-at-top
-  config = demo.get_config() if model == "unet" else isaid.get_config()
-  if model == "fpn":
-    config.data.image_size = size
-  return config
-
-
 def profile(call, steps: int) -> tuple[collections.Counter, collections.Counter, collections.Counter, float]:
   """(self ms, calls, kernel calls per step by event name, wall ms per step) over `steps` calls.
 
@@ -106,7 +97,7 @@ def main() -> None:
   args = parser.parse_args()
   batch = args.batch or xla_flags.DEFAULT_BATCH[args.model]
   load = common.load_average()
-  call = xla_flags.peer_call(args.model, peer_config(args.model, args.size), batch)
+  call = xla_flags.peer_call(args.model, xla_flags.peer_config(args.model, args.size), batch)
   import torch  # pylint: disable=g-import-not-at-top  (set up by peer_call)
   ms, calls, kernels, wall = profile(call, args.steps)
   total, ops = collections.Counter(), collections.Counter()

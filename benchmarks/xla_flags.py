@@ -82,6 +82,15 @@ def build(model: str, batch: int, size: int):
   return program, flops, ours, config
 
 
+def peer_config(model: str, size: int):
+  """The peer's config: the demo's for G (at its own size), iSAID's for the FPN at `size`."""
+  from satsynth_jax.configs import demo, isaid  # pylint: disable=g-import-not-at-top
+  config = demo.get_config() if model == "unet" else isaid.get_config()
+  if model == "fpn":
+    config.data.image_size = size
+  return config
+
+
 def peer_call(model: str, config, batch: int):
   """The PyTorch peer's train step on the same batch."""
   from benchmarks import common, diffusion, segmentation  # pylint: disable=g-import-not-at-top
@@ -95,10 +104,7 @@ def worker(args) -> dict:
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   if args.side == "peer":
-    from satsynth_jax.configs import demo, isaid  # pylint: disable=g-import-not-at-top
-    config = demo.get_config() if args.model == "unet" else isaid.get_config()
-    config.data.image_size = config.data.image_size if args.model == "unet" else args.size
-    call, compile_s = peer_call(args.model, config, args.batch), 0.0
+    call, compile_s = peer_call(args.model, peer_config(args.model, args.size), args.batch), 0.0
   else:
     program, _, _, _ = build(args.model, args.batch, args.size)
     call, compile_s = program.call, program.compile_seconds

@@ -23,7 +23,8 @@ import sys
 import time
 
 CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
-FLAG_SETS = (("LLVM -O2 (XLA's default)", CONV), ("LLVM -O1", f"{CONV} --xla_backend_optimization_level=1"))
+FLAG_SETS = (("LLVM -O2 (XLA's default)", CONV), ("LLVM -O1", f"{CONV} --xla_backend_optimization_level=1"),
+             ("LLVM -O0", f"{CONV} --xla_backend_optimization_level=0"))
 RESULT = "RESULT "
 
 

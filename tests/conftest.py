@@ -26,6 +26,17 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+# The smallest G the code allows (one resolution level, no attention) on 8 px pairs cut from two
+# 64 px demo scenes: the tests of training, sampling, resume and multi-process flows share it
+# (most of their time is compiling; test_unet.py covers the full layouts), and identical
+# programs are compiled once through the compile cache.
+TINY_G = {
+    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
+    "diffusion.model.attn_resolutions": (), "diffusion.timesteps": 50, "data.image_size": 8,
+    "data.patch_size": 32, "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.read_threads": 1,
+    "diffusion.train.batch_size": 8,
+}
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> pathlib.Path:

@@ -11,7 +11,7 @@ from conftest import load_config, run_main
 
 SHRUNK = {
     "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.patch_size": 32, "data.image_size": 16,
-    "diffusion.model.ch_mult": "(1,2)", "diffusion.model.attn_resolutions": "(8,)", "diffusion.timesteps": 50,
+    "diffusion.model.ch_mult": "(1,)", "diffusion.model.attn_resolutions": "()", "diffusion.timesteps": 50,
     "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 1,
     "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 4, "diffusion.train.sample_every": 0,
     "sample.per_real": 1, "sample.ddim_steps": 5, "sample.batch_size": 8, "sample.examples_per_shard": 8,

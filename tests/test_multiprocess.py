@@ -19,17 +19,14 @@ import numpy as np
 import pytest
 
 import mp_launch
-from conftest import REPO, load_config
+from conftest import REPO, TINY_G, load_config
 from satsynth_jax import checkpoint, distributed, parallel, sample, workdir as layout
 from satsynth_jax.data import pipeline, prepare, records
 from satsynth_jax.train import diffusion, loop
 
 NUM_PROCESSES = mp_launch.NUM_PROCESSES
 TINY = {
-    # One resolution level, no attention: the smallest U-Net, so compiling stays cheap.
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1, "diffusion.model.attn_resolutions": (),
-    "diffusion.timesteps": 50, "data.image_size": 8, "data.patch_size": 32, "data.demo_num_scenes": 2,
-    "data.demo_scene_size": 64, "data.read_threads": 1, "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4,
+    **TINY_G, "diffusion.train.num_steps": 4,
     "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2, "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2,
     "diffusion.train.sample_every": 4,
     "diffusion.train.num_grid_samples": 4, "diffusion.train.grid_sampler_steps": 2, "sample.per_real": 2, "sample.sampler": "ddim",

@@ -18,16 +18,12 @@ import sys
 
 import pytest
 
-from conftest import REPO, config_flag, cpu_env, run_main
+from conftest import REPO, TINY_G, config_flag, cpu_env, run_main
 
 PREFIX = "satsynth_jax: error: "
 RUN = "diffusion_x0"  # the demo's G: x0 prediction
 TINY = {
-    # One resolution level, no attention: the smallest U-Net, so compiling stays cheap.
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
-    "diffusion.model.attn_resolutions": (), "diffusion.timesteps": 50, "data.image_size": 8, "data.patch_size": 32,
-    "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.read_threads": 1, "diffusion.train.batch_size": 8,
-    "diffusion.train.num_steps": 4, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
+    **TINY_G, "diffusion.train.num_steps": 4, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
     "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2, "diffusion.train.keep_checkpoints": 5,
     "diffusion.train.sample_every": 0, "sample.per_real": 1, "sample.sampler": "ddim", "sample.ddim_steps": 2,
     "sample.batch_size": 8, "sample.examples_per_shard": 4,

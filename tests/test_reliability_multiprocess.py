@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import mp_launch
-from conftest import load_config
+from conftest import TINY_G, load_config
 from satsynth_jax import checkpoint, parallel, workdir as layout
 from satsynth_jax.data import prepare
 from satsynth_jax.train import diffusion, loop
@@ -33,10 +33,7 @@ NUM_STEPS = 80
 TIMEOUT_S = 600
 RUN = "diffusion_x0"
 TINY = {
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
-    "diffusion.model.attn_resolutions": (), "diffusion.timesteps": 50, "data.image_size": 8, "data.patch_size": 32,
-    "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.read_threads": 1, "diffusion.train.batch_size": 8,
-    "diffusion.train.num_steps": NUM_STEPS, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
+    **TINY_G, "diffusion.train.num_steps": NUM_STEPS, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
     "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": NUM_STEPS,
     "diffusion.train.sample_every": 0,
 }

@@ -8,15 +8,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config
+from conftest import TINY_G, load_config
 from satsynth_jax import generator, identity, parallel, sample, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, super_resolution
 
 TINY = {
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1, 2), "diffusion.model.num_res_blocks": 1, "diffusion.model.attn_resolutions": (8,),
-    "diffusion.timesteps": 50, "data.image_size": 16, "data.patch_size": 32, "data.demo_num_scenes": 2,
-    "data.demo_scene_size": 64, "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 2,
+    **TINY_G, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 2,
     "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2, "diffusion.train.sample_every": 4, "diffusion.train.num_grid_samples": 4,
     "diffusion.train.grid_sampler_steps": 5, "sample.per_real": 2, "sample.sampler": "ddim", "sample.ddim_steps": 5,
     "sample.batch_size": 8, "sample.examples_per_shard": 8,
@@ -28,12 +26,12 @@ def test_sharded_step_equals_single_device_step():
   model = generator.build_g(config)
   sched = generator.make_schedule(config)
   _, lr = diffusion.optim.make_optimizer(config.diffusion.train)
-  batch = {"x": np.random.default_rng(0).uniform(-1, 1, (8, 16, 16, 6)).astype(np.float32)}
+  batch = {"x": np.random.default_rng(0).uniform(-1, 1, (8, 8, 8, 6)).astype(np.float32)}
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = parallel.make_mesh(devices)
     rep, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-    state = jax.jit(lambda r: diffusion.init_state(model, 16, 6, config.diffusion.train, r),
+    state = jax.jit(lambda r: diffusion.init_state(model, 8, 6, config.diffusion.train, r),
                     out_shardings=rep)(jax.random.key(0))
     step = jax.jit(lambda s, b: diffusion.train_step(s, b, model=model, sched=sched, prediction="eps",
                                                      lr_schedule=lr),
@@ -78,7 +76,7 @@ def test_sampling_writes_r_times_d_pairs_and_completes_after_interruption(traine
   assert len(set(ids)) == len(ids)
   masks = np.stack([source[i]["mask"] for i in range(len(source))])
   assert masks.max() < config.data.num_classes
-  assert source[0]["image"].shape == (16, 16, 3)
+  assert source[0]["image"].shape == (8, 8, 3)
   for png in ("samples/synthetic_grid.png", "report/class_frequency_real_vs_synthetic.png"):
     assert os.path.exists(os.path.join(workdir, png))
 
@@ -106,8 +104,8 @@ def test_sampling_refuses_a_directory_made_with_other_settings(trained):
 def test_cascade_sampling_writes_super_resolved_records_and_a_side_by_side_grid(trained):
   config, workdir = trained
   config = copy.deepcopy(config)
-  config.sr.image_size = 32
-  config.sr.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,))
+  config.sr.image_size = 16
+  config.sr.model.update(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=())
   config.sr.train.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2, sample_every=0)
   config.sample.super_resolve = True
   config.sample.per_real = 1
@@ -117,9 +115,9 @@ def test_cascade_sampling_writes_super_resolved_records_and_a_side_by_side_grid(
   sample.run(config, cascade_workdir)
   out = layout.synthetic_dir(cascade_workdir, "diffusion_x0_cascade")
   manifest = records.read_manifest(out)
-  assert manifest["super_resolution_step"] == 2 and manifest["image_size"] == 32
+  assert manifest["super_resolution_step"] == 2 and manifest["image_size"] == 16
   pair = records.PairSource(out)[0]
-  assert pair["image"].shape == (32, 32, 3) and pair["mask"].shape == (32, 32)
+  assert pair["image"].shape == (16, 16, 3) and pair["mask"].shape == (16, 16)
   assert os.path.exists(os.path.join(cascade_workdir, "samples", "cascade_grid.png"))
 
 
@@ -157,7 +155,7 @@ def test_sampling_builds_g_from_its_recorded_config_without_the_training_overrid
   recorded = identity.read(layout.synthetic_dir(fresh, "diffusion_x0"))["shaping"]
   num_real = records.read_manifest(os.path.join(fresh, "data", "train"))["num_examples"]
   assert manifest["num_examples"] == sample.pool_factor(plain) * num_real
-  assert recorded["generator_settings"]["diffusion.model.ch_mult"] == [1, 2]  # the trained layout
+  assert recorded["generator_settings"]["diffusion.model.ch_mult"] == [1]  # the trained layout
 
 
 class _Killed(Exception):

@@ -196,3 +196,20 @@ def test_callbacks_of_abandoned_reads_print_no_traceback():
   assert "Event loop is closed" not in result.stderr, result.stderr[-2000:]
   assert "ValueError: an unrelated failure" in result.stderr  # anything else still reaches the user
   assert result.stderr.rstrip().endswith("done")
+
+
+def test_a_replicated_state_on_cpu_saves_whole_without_compiling_slices(tmp_path, monkeypatch):
+  """orbax's replica-parallel save slices each replicated array across its replicas, one compiled
+  program per slice; on CPU every replica is in one host's memory, so checkpoint.py turns it off."""
+  mesh = parallel.make_mesh()
+  assert mesh.size == 4
+  state = jax.device_put(_init(jax.random.key(0)), parallel.replicated(mesh))
+  slices = []
+  real_slice = jax.lax.slice_in_dim
+  monkeypatch.setattr(jax.lax, "slice_in_dim", lambda *a, **k: slices.append(a) or real_slice(*a, **k))
+  mngr = checkpoint.manager(tmp_path / "run")
+  checkpoint.save(mngr, 1, state, meta={"step": 1})
+  mngr.wait_until_finished()
+  assert slices == []
+  restored, _ = checkpoint.restore(checkpoint.manager(tmp_path / "run", create=False), _abstract())
+  np.testing.assert_array_equal(np.asarray(restored.params["w"]), np.asarray(state.params["w"]))

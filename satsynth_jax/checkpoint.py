@@ -37,7 +37,7 @@ from satsynth_jax import parallel
 from satsynth_jax.errors import SatSynthError
 
 DIGEST_KEY = "sha256"  # meta[DIGEST_KEY] = {"state": hex, "inference": hex}
-_settings = {"allow_fallback": False}
+_settings = {"allow_fallback": False, "whole_replicas_registered": False}
 
 
 class CheckpointNotFoundError(SatSynthError, FileNotFoundError):
@@ -61,10 +61,15 @@ def _save_replicas_whole_on_cpu() -> None:
   run that is ~0.03 s of compiling per array (~4 s for the segmenter's first save) to divide a
   copy within one host's memory. (orbax itself turns it off on GPU.)
   """
-  if jax.default_backend() == "cpu" and not _settings.get("whole_replicas"):
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                                            override=True)
-    _settings["whole_replicas"] = True
+  if jax.default_backend() == "cpu" and not _settings["whole_replicas_registered"]:
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that the override it was asked for overrides
+    try:
+      ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
+                                              override=True)
+    finally:
+      logging.set_verbosity(verbosity)
+    _settings["whole_replicas_registered"] = True
 
 
 def manager(directory: str | os.PathLike, max_to_keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:

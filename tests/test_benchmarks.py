@@ -5,12 +5,11 @@ import re
 import subprocess
 import sys
 
+from conftest import TINY_G
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SAMPLING = {
-    "diffusion.model.ch": 32, "diffusion.model.ch_mult": (1,), "diffusion.model.num_res_blocks": 1,
-    "diffusion.model.attn_resolutions": (), "diffusion.timesteps": 50, "data.image_size": 8,
-    "data.patch_size": 32, "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "diffusion.train.batch_size": 8,
-    "sample.per_real": 1, "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 8,
+    **TINY_G, "sample.per_real": 1, "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 8,
 }
 
 

@@ -19,6 +19,7 @@ skipped step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging as logging_std
 import os
@@ -37,7 +38,7 @@ from satsynth_jax import parallel
 from satsynth_jax.errors import SatSynthError
 
 DIGEST_KEY = "sha256"  # meta[DIGEST_KEY] = {"state": hex, "inference": hex}
-_settings = {"allow_fallback": False, "whole_replicas_registered": False}
+_settings = {"allow_fallback": False}
 
 
 class CheckpointNotFoundError(SatSynthError, FileNotFoundError):
@@ -53,6 +54,7 @@ def configure(*, allow_fallback: bool) -> None:
   _settings["allow_fallback"] = bool(allow_fallback)
 
 
+@functools.cache  # registers once per process
 def _save_replicas_whole_on_cpu() -> None:
   """On CPU, save each replicated array from one replica instead of splitting it across replicas.
 
@@ -61,7 +63,7 @@ def _save_replicas_whole_on_cpu() -> None:
   run that is ~0.03 s of compiling per array (~4 s for the segmenter's first save) to divide a
   copy within one host's memory. (orbax itself turns it off on GPU.)
   """
-  if jax.default_backend() == "cpu" and not _settings["whole_replicas_registered"]:
+  if jax.default_backend() == "cpu":
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)  # orbax warns that the override it was asked for overrides
     try:
@@ -69,7 +71,6 @@ def _save_replicas_whole_on_cpu() -> None:
                                               override=True)
     finally:
       logging.set_verbosity(verbosity)
-    _settings["whole_replicas_registered"] = True
 
 
 def manager(directory: str | os.PathLike, max_to_keep: int | None = 3, create: bool = True) -> ocp.CheckpointManager:

@@ -41,8 +41,10 @@ def train_section(**overrides) -> ml_collections.ConfigDict:
 
 def unet_section(**overrides) -> ml_collections.ConfigDict:
   """A DDPM U-Net layout (Ho et al. 2020): channels, multipliers per level, blocks, attention."""
+  # scale_shift: ADM's time conditioning (models/unet.py ResBlock); the reference adds it before a
+  # GroupNorm, which erases it where a group holds one channel (32 channels in 32 groups).
   m = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2, attn_resolutions=(16,),
-                                     dropout=0.0))
+                                     dropout=0.0, scale_shift=False))
   m.update(overrides)
   return m
 
@@ -71,7 +73,14 @@ def get_config(arg=None):
   d.max_image_pixels = 0  # refuse larger source images (decompression bombs); 0: Pillow's limit
   d.patch_size = 256  # prepare tiles scenes into non-overlapping patches of this size
   d.patch_stride = 0  # 0: equal to patch_size
-  d.val_fraction = 0.1  # for sources without an official val split
+  # Split roles (data/prepare.py): test is never used to choose anything. A download's labelled
+  # test split is test; else its val split is (LoveDA, iSAID and OpenEarthMap withhold test
+  # labels); else test_fraction of the train scenes. val is then val_fraction of the remaining
+  # train scenes (or the download's val when test came from its test split). Whole scenes,
+  # drawn with split_seed.
+  d.val_fraction = 0.1
+  d.test_fraction = 0.1
+  d.split_seed = 0
   d.examples_per_shard = 256
   d.image_size = 128  # model resolution (paper: 128); patches are resized to it
   d.resize = "resize"  # resize | crop: how patches reach image_size
@@ -96,8 +105,17 @@ def get_config(arg=None):
   f.timesteps = 1000  # (paper)
   f.beta_start = 1e-4  # (paper) linear schedule
   f.beta_end = 2e-2  # (paper)
-  f.prediction = "eps"  # eps (paper) | x0 (ablation)
+  f.prediction = "eps"  # eps (paper) | x0 (ablation) | v
   f.joint_labels = True  # False: Table 1's image-only DDPM baseline (same U-Net, no label channels)
+  # Beyond the paper (benchmarks/RESULTS.md measures each per CPU-minute):
+  f.self_condition = False  # Analog Bits' self-conditioning on the previous x0 estimate
+  f.loss_weighting = "uniform"  # uniform (paper) | min_snr (Hang et al. 2023)
+  f.min_snr_gamma = 5.0
+  # Class-presence conditioning (diffusion/guidance.py): "presence" feeds G which classes each
+  # training pair holds, dropped with condition_dropout so one G samples both conditionally
+  # (sample.presence plans, classifier-free guidance) and unconditionally.
+  f.condition = "none"  # none (paper) | presence
+  f.condition_dropout = 0.1
   f.model = unet_section()  # DDPM 128 px layout
   f.train = train_section()
 
@@ -112,6 +130,12 @@ def get_config(arg=None):
   s.examples_per_shard = 256
   s.super_resolve = False  # cascade: G's pairs through G_SR (train_sr) to sr.image_size
   s.sr_checkpoint_step = -1  # -1: latest checkpoint of G_SR
+  # What a presence-conditioned G is asked for (presence.py): none (unconditional), real (each
+  # real train pair's classes, R times), rare (train vectors re-weighted toward rare classes);
+  # require_classes adds class names every pair asks for, e.g. ("vehicle",).
+  s.presence = "none"
+  s.require_classes = ()
+  s.guidance = 0.0  # classifier-free guidance scale w (0: plain conditional sampling)
 
   # ---- G_SR: super-resolution DDPM, data.image_size -> sr.image_size, conditioned on the
   # upsampled low-resolution pair; its noise schedule is config.diffusion's ----
@@ -142,6 +166,15 @@ def get_config(arg=None):
   e.image_only_baseline = False  # also train/sample/score Table 1's image-only DDPM
   e.seeds = 3  # segmenter runs per arm (seeds seed, seed+1, ...): the summary shows mean ± standard error
   e.ratios = ()  # R of each D u D' arm, each <= sample.per_real (Table 2: (1, 2, 3, 4, 5)); (): (sample.per_real,)
+  # The summary calls D converged when its mean val mIoU moved by at most this (0.01: one point)
+  # over the last fifth of training; every arm trains on D's schedule, so the comparison only
+  # means something then (../shared/PAPER.md).
+  e.flat_within = 0.01
+  # The arms beside D (real only): raw (D u D', the paper's), curated (D u D'_curated, from the
+  # unconditional pool), conditioned (D u D'_conditioned: a presence-conditioned G asked with the
+  # experiment.presence plan) and conditioned_curated (curation on top of the conditioned set).
+  e.arms = ("raw", "curated")
+  e.presence = "real"  # the conditioned arms' sampling plan (sample.presence values but "none")
 
   # ---- curation: between sampling and segmenter training (curate.py, --mode=curate) ----
   # A segmenter trained on real data only scores P x R x |D| sampled candidates: pixels whose

@@ -25,8 +25,9 @@ def get_config(arg=None):
   d.class_names = tuple(name for name, _ in CLASSES)
   d.palette = tuple(rgb for _, rgb in CLASSES)
   # Few labels, as the method targets: 12 scenes of 256 px -> 192 training patches.
-  d.demo_num_scenes = 12  # train scenes; val gets a quarter as many (at least 2)
+  d.demo_num_scenes = 12  # train scenes; val gets half as many, test as many (data/sources/demo.py)
   d.demo_scene_size = 256
+  d.demo_seed = 0  # draws the scenes (each split its own stream): another value, another demo
   d.patch_size = 64
   d.no_data_code = False  # the toy scenes label every pixel
   d.examples_per_shard = 64

@@ -11,7 +11,10 @@ interrupted save never looks finished.
 
 Restores verify what they read: orbax/tensorstore read errors (truncated or missing files),
 a digest that differs from the one saved (altered bytes read back as wrong numbers without
-any error) and non-finite floats all raise CheckpointDamagedError naming the step. With
+any error) and non-finite floats (NaN or +-inf, in the state and in the inference weights) all
+raise CheckpointDamagedError naming the step. Before any array is read, the step's array
+shapes and dtypes (orbax metadata) are compared with the model's: a run trained with other
+settings raises CheckpointSettingsError naming the arrays and both shapes, never "damaged". With
 `configure(allow_fallback=True)` (main.py's --allow_checkpoint_fallback) a restore of the
 latest step instead falls back to the newest earlier step that verifies, logging each
 skipped step.
@@ -33,6 +36,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 from satsynth_jax import parallel
 from satsynth_jax.errors import SatSynthError
@@ -47,6 +51,11 @@ class CheckpointNotFoundError(SatSynthError, FileNotFoundError):
 
 class CheckpointDamagedError(SatSynthError, ValueError):
   """A checkpoint step that cannot be read or does not verify; the message names it and the way out."""
+
+
+class CheckpointSettingsError(SatSynthError, ValueError):
+  """A checkpoint whose arrays differ in shape or dtype from the model the settings build: a run made
+  with other settings, not damage; the message names the arrays and both shapes."""
 
 
 def configure(*, allow_fallback: bool) -> None:
@@ -225,8 +234,43 @@ def _verify(tree, meta, item: str) -> None:
     raise _Damaged(f"{item} sha256 differs from the one recorded at save time: altered bytes")
 
 
+def _leaf_specs(tree) -> dict[str, str]:
+  """{leaf name: "(shape) dtype"} of arrays, ShapeDtypeStructs or orbax array metadata; PRNG keys as the
+  key data a checkpoint holds."""
+  specs = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.eval_shape(jax.random.key_data, leaf)
+    specs[jax.tree_util.keystr(path, simple=True, separator="/")] = f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
+  return specs
+
+
+def _check_layout(where: str, target) -> None:
+  """Refuse, before reading any array, a step whose arrays are not the ones `target` (abstract) expects.
+
+  A model built with other settings (width, depth, optimizer) would otherwise fail inside orbax's
+  reads and look like damage. Unreadable metadata is damage (_Damaged).
+  """
+  try:
+    stored = _leaf_specs(ocp.StandardCheckpointHandler().metadata(epath.Path(where)).tree)
+  except Exception as e:  # noqa: BLE001  (a missing or garbled _METADATA file: json, KeyError, OSError...)
+    raise _Damaged(f"metadata unreadable: {_short(e)}") from e
+  expected = _leaf_specs(target)
+  absent = "(absent)"
+  diffs = [f"{name} {stored.get(name, absent)} saved, {expected.get(name, absent)} expected"
+           for name in sorted(stored.keys() | expected.keys()) if stored.get(name) != expected.get(name)]
+  if diffs:
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    raise CheckpointSettingsError(
+        f"{os.path.dirname(where)}: not damaged, but saved by a model built with other settings than this "
+        f"command's ({'; '.join(diffs[:3])}{more}); use the settings the run was trained with (its "
+        f"config.json), or retrain it")
+
+
 def _read(mngr: ocp.CheckpointManager, step: int, items: dict, item: str):
-  """mngr.restore(step) with `item` verified; read errors and failed checks become _Damaged."""
+  """mngr.restore(step) with `item` verified; read errors and failed checks become _Damaged, arrays of
+  other shapes than `item`'s target CheckpointSettingsError."""
+  _check_layout(os.path.join(os.fspath(mngr.directory), str(step), item), items[item].item)
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001  (tensorstore raises bare Exception/ValueError; json, KeyError...)

@@ -15,7 +15,10 @@ from satsynth_jax.errors import SatSynthError
 
 FORMATS = ("isaid", "loveda", "openearthmap", "folder", "demo")
 DTYPES = ("float32", "bfloat16")
-PREDICTIONS = ("eps", "x0")
+PREDICTIONS = ("eps", "x0", "v")
+LOSS_WEIGHTINGS = ("uniform", "min_snr")
+CONDITIONS = ("none", "presence")
+PRESENCE_PLANS = ("none", "real", "rare")
 SAMPLERS = ("ddpm", "ddim")
 ARCHITECTURES = ("fpn", "unet")
 OPTIMIZERS = ("adam", "adamw")
@@ -62,12 +65,19 @@ def ignore_value(num_classes: int) -> int:
   return 255 if num_classes <= 255 else 65535
 
 
-def _data(d) -> None:
+def require_source(d) -> None:
+  """A download's folder: prepare reads it; every later job reads the prepared records (and their settings)."""
+  _require(d.format == "demo" or bool(d.source_dir), "data.source_dir", d.source_dir,
+           f"is empty: preparing the workdir's data reads the {d.format} download from it "
+           "(--config.data.source_dir=/path/to/it)")
+
+
+def _data(d, mode: str | None) -> None:
   k = d.num_classes
   _in_range("data.num_classes", k, 2, 65535)
   _one_of("data.format", d.format, FORMATS)
-  _require(d.format == "demo" or bool(d.source_dir), "data.source_dir", d.source_dir,
-           f"is empty: point it at the {d.format} download (--config.data.source_dir=/path/to/it)")
+  if mode == "prepare":  # the experiment asks only when its prepare stage still has to run (prepare.py)
+    require_source(d)
   _require(len(d.class_names) == k and len(set(d.class_names)) == k, "data.class_names", d.class_names,
            f"needs {k} distinct names (data.num_classes)")
   _require(len(d.palette) == k, "data.palette", d.palette, f"needs {k} RGB colours (data.num_classes)")
@@ -86,6 +96,10 @@ def _data(d) -> None:
   _in_range("data.patch_size", d.patch_size, 8)
   _in_range("data.patch_stride", d.patch_stride, 0)
   _in_range("data.val_fraction", d.val_fraction, 0.0, 0.99, integer=False)
+  _in_range("data.test_fraction", d.test_fraction, 0.0, 0.99, integer=False)
+  _require(d.val_fraction + d.test_fraction < 1, "data.test_fraction", d.test_fraction,
+           f"with data.val_fraction={d.val_fraction} it would leave no train scene")
+  _in_range("data.split_seed", d.split_seed, 0, 2**31 - 1)
   _in_range("data.examples_per_shard", d.examples_per_shard, 1)
   _one_of("data.resize", d.resize, ("resize", "crop"))
   _in_range("data.image_size", d.image_size, 8)
@@ -103,6 +117,7 @@ def _data(d) -> None:
   if "demo_num_scenes" in d:
     _in_range("data.demo_num_scenes", d.demo_num_scenes, 1)
     _in_range("data.demo_scene_size", d.demo_scene_size, 16)
+    _in_range("data.demo_seed", d.demo_seed, 0, 2**31 - 1)
 
 
 def _train(key: str, t) -> None:
@@ -137,6 +152,7 @@ def _unet(key: str, m, image_size: int, size_key: str) -> None:
   _in_range(f"{key}.num_res_blocks", m.num_res_blocks, 1)
   _ints(f"{key}.attn_resolutions", m.attn_resolutions, 1)
   _in_range(f"{key}.dropout", m.dropout, 0.0, 0.99, integer=False)
+  _require(isinstance(m.scale_shift, bool), f"{key}.scale_shift", m.scale_shift, "must be True or False")
   factor = 2 ** (len(m.ch_mult) - 1)
   _require(image_size % factor == 0, size_key, image_size,
            f"the U-Net halves it {len(m.ch_mult) - 1} times ({key}.ch_mult={tuple(m.ch_mult)}), "
@@ -148,7 +164,7 @@ def validate(config, mode: str | None = None) -> None:
   _one_of("dtype", config.dtype, DTYPES)
   _in_range("seed", config.seed, 0, 2**31 - 1)
   d = config.data
-  _data(d)
+  _data(d, mode)
 
   f = config.diffusion
   _in_range("diffusion.timesteps", f.timesteps, 1)
@@ -158,6 +174,12 @@ def validate(config, mode: str | None = None) -> None:
            f"needs 0 < diffusion.beta_start={f.beta_start} <= beta_end < 1")
   _one_of("diffusion.prediction", f.prediction, PREDICTIONS)
   _require(isinstance(f.joint_labels, bool), "diffusion.joint_labels", f.joint_labels, "must be True or False")
+  _require(isinstance(f.self_condition, bool), "diffusion.self_condition", f.self_condition, "must be True or False")
+  _one_of("diffusion.loss_weighting", f.loss_weighting, LOSS_WEIGHTINGS)
+  _in_range("diffusion.min_snr_gamma", f.min_snr_gamma, integer=False)
+  _require(f.min_snr_gamma > 0, "diffusion.min_snr_gamma", f.min_snr_gamma, "must be > 0")
+  _one_of("diffusion.condition", f.condition, CONDITIONS)
+  _in_range("diffusion.condition_dropout", f.condition_dropout, 0.0, 0.99, integer=False)
   _unet("diffusion.model", f.model, d.image_size, "data.image_size")
   _train("diffusion.train", f.train)
 
@@ -171,6 +193,16 @@ def validate(config, mode: str | None = None) -> None:
   _in_range("sample.examples_per_shard", s.examples_per_shard, 1)
   _require(isinstance(s.super_resolve, bool), "sample.super_resolve", s.super_resolve, "must be True or False")
   _in_range("sample.sr_checkpoint_step", s.sr_checkpoint_step, -1)
+  _one_of("sample.presence", s.presence, PRESENCE_PLANS)
+  _require(isinstance(s.require_classes, (tuple, list)) and all(c in d.class_names for c in s.require_classes),
+           "sample.require_classes", s.require_classes, f"must be a tuple of class names from {tuple(d.class_names)}")
+  _in_range("sample.guidance", s.guidance, 0.0, integer=False)
+  _require(s.presence == "none" or f.condition == "presence", "sample.presence", s.presence,
+           "asks a class-presence conditioned G for classes: set diffusion.condition=presence (and train it)")
+  _require(s.presence == "none" or f.condition_dropout > 0 or s.guidance == 0, "sample.guidance", s.guidance,
+           "guidance needs the unconditional model that diffusion.condition_dropout > 0 trains")
+  _require(not s.require_classes or s.presence != "none", "sample.require_classes", s.require_classes,
+           "needs a presence plan: set sample.presence=real or rare")
 
   r = config.sr
   _in_range("sr.image_size", r.image_size, 16)
@@ -203,6 +235,16 @@ def validate(config, mode: str | None = None) -> None:
   _require(isinstance(e.image_only_baseline, bool), "experiment.image_only_baseline", e.image_only_baseline,
            "must be True or False")
   _in_range("experiment.seeds", e.seeds, 1)
+  _in_range("experiment.flat_within", e.flat_within, 0.0, 1.0, integer=False)
+  _require(isinstance(e.arms, (tuple, list)) and len(e.arms) >= 1 and len(set(e.arms)) == len(e.arms)
+           and all(kind in ARM_KINDS for kind in e.arms), "experiment.arms", e.arms,
+           f"must be distinct arms from {ARM_KINDS} (D, real only, always runs)")
+  _one_of("experiment.presence", e.presence, PRESENCE_PLANS[1:])
+  conditioned_arms = [kind for kind in e.arms if kind.startswith("conditioned")]
+  _require(not conditioned_arms or f.condition == "presence", "experiment.arms", e.arms,
+           f"{conditioned_arms} need a class-presence conditioned G: set diffusion.condition=presence")
+  _require(config.curation.enabled or not any(kind.endswith("curated") for kind in e.arms), "curation.enabled",
+           config.curation.enabled, f"is False but experiment.arms={tuple(e.arms)} curates: drop the curated arms")
   _require(isinstance(e.ratios, (tuple, list)) and all(_int(r) and 1 <= r <= s.per_real for r in e.ratios)
            and len(set(e.ratios)) == len(e.ratios), "experiment.ratios", e.ratios,
            f"must be distinct ints in [1, sample.per_real={s.per_real}] (the set's first R x |D| pairs)")
@@ -222,6 +264,7 @@ def validate(config, mode: str | None = None) -> None:
 
 # ---- curation (curate.py): the stage between sampling and segmenter training ----
 CURATION_SCORERS = ("real_only", "metric_encoder")
+ARM_KINDS = ("raw", "curated", "conditioned", "conditioned_curated")  # experiment.arms
 CURATION_SELECTIONS = ("hard_rare", "uniform")
 
 

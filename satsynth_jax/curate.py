@@ -6,26 +6,27 @@ curation.pool_factor x R x |D| when curation is enabled). A segmenter trained on
 candidate at its own input size (pipeline.segmentation_size):
 
   pixel filter  loss = the scorer's cross-entropy against the generated label. For each class c,
-                over every labelled pool pixel whose generated label is c,
+                over every labelled pixel of class c in the *real train split*,
                   threshold_c = mean_c + curation.pixel_tolerance x std_c
-                and pixels above their class's threshold become no-data (data.ignore_index).
-                A class no pool pixel carries has no threshold (+inf). Thresholds per class, not
-                one for all, because rare or thin classes are harder even when their masks are
-                right (FreeMask, Yang et al. 2023, scales the class-wise mean loss of the real
-                images by a margin; we use the pool's own spread). The cut also trims the upper
-                tail of a class whose masks are all right (its hardest, often boundary, pixels):
-                the manifest's pool_ignored_fraction says how much; raise the tolerance to cut
-                only outliers.
-  pair filter   label fidelity = fraction of a pair's labelled generated pixels where the scorer's
-                argmax agrees (before any pixel is filtered). Pairs below curation.min_fidelity are
-                dropped whole, and so are pairs with no labelled pixel left.
+                and pool pixels above their generated class's threshold become no-data
+                (data.ignore_index). A class the train split lacks has no threshold (+inf).
+                Thresholds per class, because rare or thin classes are harder even when their
+                masks are right (FreeMask, Yang et al. 2023, scales the class-wise mean loss of the
+                real images by a margin). They come from real pairs, not from the pool: a class
+                the generator always draws wrong would otherwise earn a loose threshold from its
+                own errors.
+  pair filter   label fidelity, class-balanced: for each class of a pair's generated mask, the
+                fraction of its pixels the scorer's argmax agrees with; their mean over the
+                classes the pair holds (before any pixel is filtered). A pair's dominant class
+                (field, background) cannot hide a class drawn wrong. Pairs below
+                curation.min_fidelity are dropped whole, and so are pairs with no labelled pixel left.
   selection     exactly R x |D| of the remaining pairs, without replacement, deterministic for
                 `seed`: "uniform" (the ablation), or "hard_rare", with probability proportional to
                   score(pair) = sum_c w_c x kept_c(pair) / kept(pair),
                   w_c ∝ hardness_c / sqrt(frequency_c),
                 where hardness_c is the scorer's mean loss on class c over the real *train* split and
                 frequency_c its pixel share in the train manifest (w_c = 0 for a class absent from
-                train). Only the train split is read: the val split is never opened, so the
+                train). Only the train split is read: val and test are never opened, so the
                 selection cannot tune to the numbers the experiment reports.
 
 The curated pairs keep the pool's pixels, size and ids: the keep-mask is computed at the
@@ -35,8 +36,8 @@ scorer's run and weights id, the curation settings) and a manifest that also say
 pairs and pixels were dropped; report/class_frequency_curation.png compares the class pixel
 fractions of real train, pool and curated sets.
 
-Cost: the scorer runs twice over the pool (statistics, then the filter) and, for "hard_rare",
-once over the train split: (2 P R + 1) |D| forward passes of a segmenter, small beside sampling
+Cost: the scorer runs twice over the pool (fidelity, then the filter) and once over the train
+split: (2 P R + 1) |D| forward passes of a segmenter, small beside sampling
 (each sample costs sample.ddim_steps or diffusion.timesteps passes of the larger U-Net).
 """
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 import pathlib
 from collections.abc import Iterator
 
@@ -117,14 +119,17 @@ def keep_mask(loss: np.ndarray, mask: np.ndarray, thresholds: np.ndarray, ignore
   return labelled & (np.asarray(loss, np.float64) <= limit)
 
 
-def label_fidelity(pred: np.ndarray, mask: np.ndarray, ignore_index: int) -> np.ndarray:
-  """Per pair [B]: the fraction of labelled pixels of `mask` [B, H, W] where `pred` agrees; NaN for none."""
-  mask = np.asarray(mask)
-  labelled = mask != ignore_index
-  agree = ((np.asarray(pred) == mask) & labelled).sum(axis=(1, 2))
-  count = labelled.sum(axis=(1, 2))
+def label_fidelity(pred: np.ndarray, mask: np.ndarray, num_classes: int) -> np.ndarray:
+  """Per pair [B]: the mean, over the classes `mask` [B, H, W] holds, of the fraction of that class's pixels
+  where `pred` agrees (class-balanced recall); NaN for a pair without labelled pixels (no-data: values >= K)."""
+  mask, pred = np.asarray(mask), np.asarray(pred)
+  classes = np.arange(num_classes)[:, None, None, None]  # [K, 1, 1, 1] against [B, H, W]
+  of_class = mask[None] == classes
+  count = of_class.sum(axis=(2, 3))  # [K, B]
+  agree = (of_class & (pred[None] == classes)).sum(axis=(2, 3))
   with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(count > 0, agree / np.maximum(count, 1), np.nan)
+    recall = np.where(count > 0, agree / np.maximum(count, 1), np.nan)
+    return np.nanmean(recall, axis=0) if recall.size else np.full(mask.shape[0], np.nan)
 
 
 def resize_nearest(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -244,13 +249,15 @@ def scored_batches(config, score_fn, variables, record_dir, mesh) -> Iterator[tu
 
 
 def pool_statistics(config, batches_fn, num_pool: int) -> tuple[np.ndarray, np.ndarray]:
-  """(class moments [3, K] over the pool, label fidelity per pair [N]) from one scoring pass."""
+  """(class loss moments [3, K], label fidelity per pair [N]) of a record folder from one scoring pass."""
   d = config.data
   moments = np.zeros((3, d.num_classes))
   fidelity = np.full(num_pool, np.nan)
   for index, loss, pred, mask in batches_fn():
     moments += class_loss_moments(loss, mask, d.num_classes, d.ignore_index)
-    fidelity[index] = label_fidelity(pred, mask, d.ignore_index)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+      warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a pair without labels: NaN, as documented
+      fidelity[index] = label_fidelity(pred, mask, d.num_classes)
   return moments, fidelity
 
 
@@ -349,6 +356,9 @@ def curate_set(config, workdir, pool_dir, out_dir, scorer: segmenter.Run) -> dic
   if num_pool < needed:
     raise CurationError(f"{pool_dir} holds {num_pool} pairs but curation keeps sample.per_real x |D| = {needed}; "
                         f"sample a pool of curation.pool_factor x {needed} (pool_factor >= 1) first")
+  if os.path.realpath(pool_dir) == os.path.realpath(out_dir):  # curating would overwrite what it reads
+    raise CurationError(f"{pool_dir} is both the pool and the curated set; point data.synthetic_dir at the sampled "
+                        f"pool (not a curated set), or leave it unset")
   mesh = parallel.make_mesh()
   model, variables, step = segmenter.restore(config, workdir, scorer, mesh)
   scorer_name = scorer_id(scorer, variables, step)
@@ -359,9 +369,13 @@ def curate_set(config, workdir, pool_dir, out_dir, scorer: segmenter.Run) -> dic
   logging.info("curate: %d pool pairs in %s scored by %s", num_pool, pool_dir, scorer_name)
 
   score_fn = make_score_fn(model, mesh, d.ignore_index)
+  # The scorer's losses on real train pairs set every class's threshold and hardness (val and test
+  # are never opened).
+  train_moments, _ = pool_statistics(
+      config, functools.partial(scored_batches, config, score_fn, variables, train_dir, mesh), real["num_examples"])
+  thresholds = class_thresholds(train_moments, u.pixel_tolerance)
   batches = functools.partial(scored_batches, config, score_fn, variables, pool_dir, mesh)
-  moments, fidelity = pool_statistics(config, batches, num_pool)
-  thresholds = class_thresholds(moments, u.pixel_tolerance)
+  _, fidelity = pool_statistics(config, batches, num_pool)
   unlabelled = np.isnan(fidelity)
   low = ~unlabelled & (fidelity < u.min_fidelity)
   kept_class_pixels, keeps, pool_labelled, pool_ignored = pool_filter(config, batches, num_pool, thresholds,
@@ -373,10 +387,6 @@ def curate_set(config, workdir, pool_dir, out_dir, scorer: segmenter.Run) -> dic
 
   weights = scores = None
   if u.selection == "hard_rare":
-    # Class weights from the train split only (the val split is never opened).
-    train_moments, _ = pool_statistics(
-        config, functools.partial(scored_batches, config, score_fn, variables, train_dir, mesh),
-        real["num_examples"])
     weights = class_weights(class_mean_loss(train_moments), real["class_pixels"])
     scores = pair_scores(kept_class_pixels[candidates], weights)
   chosen = select(candidates, needed, u.selection, scores, config.seed)

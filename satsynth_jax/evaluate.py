@@ -1,10 +1,13 @@
-"""`--mode=evaluate`: a segmenter run on <workdir>/data/val -> per-class IoU / F1, mIoU, mF1.
+"""`--mode=evaluate`: a segmenter run on the held-out splits -> per-class IoU / F1, mIoU, mF1.
 
-One ordered pass over the split; the padding rows of the last batch (valid=False) are
-masked out. Each batch gives a confusion matrix inside jit, summed on the host and scored
-once (metrics/segmentation.py), so the means are over classes of split-level scores.
-Writes `<workdir>/metrics/eval_<run>.json` and `<workdir>/report/eval_<run>.png`, prints a
-table and returns the scores. The `Evaluator` here also scores the val split during training
+Both held-out splits are scored: test (where claims are made; nothing is ever chosen on it)
+and val (where settings are chosen). One ordered pass over each split; the padding rows of
+the last batch (valid=False) are masked out. Each batch gives a confusion matrix inside jit,
+summed on the host and scored once (metrics/segmentation.py), so the means are over classes
+of split-level scores. Writes `<workdir>/metrics/eval_<run>.json` (each split's scores, the
+checkpoint step and the run's recorded settings, so a score is never read under other
+settings) and `<workdir>/report/eval_<run>.png` (test predictions), prints a table per split
+and returns the scores. The `Evaluator` here also scores the val split during training
 (segmentation.eval_every); those numbers are only logged, this mode's are the run's result.
 """
 
@@ -21,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from satsynth_jax import atomic, parallel, report, segmenter, viz, workdir as layout
+from satsynth_jax import atomic, identity, parallel, report, segmenter, viz, workdir as layout
 from satsynth_jax.data import pipeline
 from satsynth_jax.metrics import segmentation as seg_metrics
 
 PREVIEW_EXAMPLES = 8
+SPLITS = ("test", "val")  # the held-out splits a run is scored on, the claim's first
 
 
 @dataclasses.dataclass
@@ -121,31 +125,57 @@ def eval_path(workdir, run: segmenter.Run):
   return layout.metrics_path(workdir, f"eval_{run.name}")
 
 
-def evaluate_run(config, workdir, run: segmenter.Run) -> dict[str, float]:
-  """Score the latest checkpoint of segmenter `run` on the val split; writes its eval JSON and PNG."""
+def recorded_settings(workdir, run: segmenter.Run) -> dict:
+  """The settings a segmenter run recorded beside its checkpoints (what its scores were made under)."""
+  recorded = identity.read(layout.checkpoint_dir(workdir, run.name))
+  return recorded["shaping"] if recorded else {}
+
+
+def is_current(workdir, run: segmenter.Run, step: int | None) -> bool:
+  """Does the run's eval JSON score checkpoint `step` under the settings the run records now?"""
+  try:
+    with open(eval_path(workdir, run), encoding="utf-8") as f:
+      scored = json.load(f)
+  except FileNotFoundError:
+    return False
+  return (scored.get("checkpoint_step") == step and scored.get("settings") == recorded_settings(workdir, run)
+          and set(scored.get("splits", {})) == set(SPLITS))
+
+
+def evaluate_run(config, workdir, run: segmenter.Run) -> dict[str, dict[str, float]]:
+  """Score the latest checkpoint of segmenter `run` on test and val; writes its eval JSON and PNG.
+
+  segmenter.restore refuses a run recorded under other settings than the config's, so a score
+  is always made with the settings the run was trained with, and the JSON records them.
+  """
   d = config.data
   name = run.name
   mesh = parallel.make_mesh()
   model, variables, step = segmenter.restore(config, workdir, run, mesh)
-  val_dir = layout.data_dir(workdir, "val")
-  result = evaluate_split(config, model, variables, val_dir, mesh)
   background = background_index(config)
-  scores = seg_metrics.segmentation_scores(result.confusion, d.class_names, background)
+  results, scores = {}, {}
+  for split in SPLITS:
+    results[split] = evaluate_split(config, model, variables, layout.data_dir(workdir, split), mesh)
+    scores[split] = seg_metrics.segmentation_scores(results[split].confusion, d.class_names, background)
   if jax.process_index() == 0:
     summary = {
         "run": name, "architecture": run.architecture, "synthetic_ratio": run.synthetic_ratio, "seed": run.seed,
-        "checkpoint_step": step, "split": "val", "records": str(val_dir), "num_examples": result.num_examples,
+        "checkpoint_step": step, "settings": recorded_settings(workdir, run),
         "class_names": list(d.class_names), "background_index": background,
-        "scores": _json_safe(scores), "confusion_matrix": result.confusion.tolist(),
+        "splits": {split: {"records": str(layout.data_dir(workdir, split)), "num_examples": results[split].num_examples,
+                           "scores": _json_safe(scores[split]), "confusion_matrix": results[split].confusion.tolist()}
+                   for split in SPLITS},
     }
     atomic.write_bytes(eval_path(workdir, run), json.dumps(summary, indent=1, allow_nan=False).encode())
-    title = f"{name}: step {step}, R={run.synthetic_ratio}, {result.num_examples} val examples"
-    viz.save_png(report.report_picture(config, result.preview, scores, title),
+    title = f"{name}: step {step}, R={run.synthetic_ratio}, {results['test'].num_examples} test examples"
+    viz.save_png(report.report_picture(config, results["test"].preview, scores["test"], title),
                  layout.report_path(workdir, f"eval_{name}.png"))
-    print(f"evaluate {title}\n{report.score_table(scores, d.class_names)}", flush=True)
+    for split in SPLITS:
+      print(f"evaluate {name} on {split} ({results[split].num_examples} examples, step {step}):\n"
+            f"{report.score_table(scores[split], d.class_names)}", flush=True)
   return scores
 
 
-def run(config, workdir) -> dict[str, float]:
-  """--mode=evaluate: score this config's segmenter run (data.synthetic_ratio) on the val split."""
+def run(config, workdir) -> dict[str, dict[str, float]]:
+  """--mode=evaluate: score this config's segmenter run (data.synthetic_ratio) on the test and val splits."""
   return evaluate_run(config, workdir, segmenter.Run.from_config(config))

@@ -41,7 +41,7 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-  """One column group of the comparison: a training set (D, or D u D') over the experiment's seeds."""
+  """One column group of the comparison: a training set (D, or D u a synthetic set) over the experiment's seeds."""
   label: str
   synthetic_ratio: int
   runs: tuple[segmenter.Run, ...]
@@ -49,24 +49,44 @@ class Arm:
 
 
 def ratios(config) -> tuple[int, ...]:
-  """The R of each D u D' arm: experiment.ratios, or just sample.per_real."""
+  """The R of each raw D u D' arm: experiment.ratios, or just sample.per_real."""
   return tuple(config.experiment.ratios) or (config.sample.per_real,)
 
 
+def set_config(config, *, conditioned: bool):
+  """The config that samples (and curates) one of the experiment's sets from its one G: the unconditional
+  set (sample.presence none: the paper's D') or the conditioned one (experiment.presence's plan). Each is a
+  pool (curation.enabled) exactly when one of experiment.arms curates it."""
+  out = config.copy_and_resolve_references()
+  kinds = config.experiment.arms
+  with out.unlocked():
+    out.sample.presence = config.experiment.presence if conditioned else "none"
+    out.curation.enabled = ("conditioned_curated" if conditioned else "curated") in kinds
+  return out
+
+
 def arms(config, workdir) -> list[Arm]:
-  """D (real only), D u D' for each R (the set's first R x |D| pairs) and, with curation, D u D'_curated
-  at R = sample.per_real; each trained once per seed."""
+  """D (real only), then experiment.arms: D u D' for each R (the unconditional set's first R x |D| pairs),
+  D u D'_curated (curated from its pool), D u D'_conditioned (the conditioned set's first R x |D|) and
+  D u D'_conditioned_curated, at R = sample.per_real; each trained once per seed."""
   seeds = [config.seed + i for i in range(config.experiment.seeds)]
 
-  def arm(ratio, name, directory):
-    return Arm("D" if ratio == 0 else "D u D'", ratio,
-               tuple(segmenter.Run.arm(config, ratio, seed, name) for seed in seeds),
+  def arm(label, ratio, name=None, directory=None):
+    return Arm(label, ratio, tuple(segmenter.Run.arm(config, ratio, seed, name) for seed in seeds),
                directory and os.fspath(directory))
 
-  out = [arm(0, None, None)]
-  out += [arm(r, generator.synthetic_set(config), generator.synthetic_dir(config, workdir)) for r in ratios(config)]
-  if config.curation.enabled:
-    out.append(arm(config.sample.per_real, curate.curated_set(config), curate.curated_dir(config, workdir)))
+  out = [arm("D", 0)]
+  r = config.sample.per_real
+  for kind in config.experiment.arms:
+    sampled = set_config(config, conditioned=kind.startswith("conditioned"))
+    name, directory = generator.synthetic_set(sampled), generator.synthetic_dir(sampled, workdir)
+    label = "D u D'" + ("_conditioned" if kind.startswith("conditioned") else "")
+    if kind.endswith("curated"):
+      out.append(arm(f"{label}_curated", r, curate.curated_set(sampled), curate.curated_dir(sampled, workdir)))
+    elif kind == "raw":
+      out += [arm(label, ratio, name, directory) for ratio in ratios(config)]
+    else:
+      out.append(arm(label, r, name, directory))
   return out
 
 
@@ -79,7 +99,8 @@ def _trained(workdir, run: str, num_steps: int, shaping: Callable[[], dict]) -> 
   step = checkpoint.latest_step(directory)
   if step is None:
     return False
-  identity.check(directory, shaping(), f"run {run!r}", REMEDY)
+  recorded = identity.read_existing(directory, f"checkpoints of run {run!r}")
+  identity.compare(directory, recorded["shaping"], shaping(), f"run {run!r}", REMEDY)
   return step >= num_steps
 
 
@@ -89,54 +110,8 @@ def _set_identity(directory) -> dict | None:
 
 
 def _evaluated(workdir, run: segmenter.Run) -> bool:
-  """An eval JSON exists for the run's latest checkpoint."""
-  path = evaluate.eval_path(workdir, run)
-  if not path.exists():
-    return False
-  with open(path, encoding="utf-8") as f:
-    scored_step = json.load(f)["checkpoint_step"]
-  return scored_step == checkpoint.latest_step(layout.checkpoint_dir(workdir, run.name))
-
-
-def _sampled(config, workdir) -> bool:
-  """The set holds R x |D| pairs drawn from the current G (and G_SR) with this config's sampler."""
-  out_dir = layout.synthetic_dir(workdir, generator.synthetic_set(config))
-  try:
-    manifest = records.read_manifest(out_dir)
-    real = records.read_manifest(layout.data_dir(workdir, "train"))
-  except records.RecordError:
-    return False
-  g_run = generator.g_run(config)
-  step = checkpoint.latest_step(layout.checkpoint_dir(workdir, g_run))
-  sr_step = (checkpoint.latest_step(layout.checkpoint_dir(workdir, generator.sr_run(config)))
-             if config.sample.super_resolve else None)
-  sr_config = (generator.trained_config(config, workdir, generator.sr_run(config)) if config.sample.super_resolve
-               else None)
-  expected = sample.plan(config, generator.trained_config(config, workdir, g_run), real["num_examples"], step, sr_step,
-                         sr_config)
-  identity.check(out_dir, expected, "this synthetic set", REMEDY)
-  return manifest["num_examples"] == expected["requested"]
-
-
-def _scored(workdir, synthetic, name: str) -> bool:
-  """A sample-quality JSON exists for the finished synthetic set, under the current encoder."""
-  path = layout.metrics_path(workdir, sample_quality.output_name(name))
-  if not path.exists():
-    return False
-  with open(path, encoding="utf-8") as f:
-    scores = json.load(f)
-  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, segmenter.METRIC_ENCODER))
-  return (scores["num_synthetic"] == records.read_manifest(synthetic)["num_examples"]
-          and scores["metric_encoder"].startswith(f"{segmenter.METRIC_ENCODER}@{encoder_step}:"))
-
-
-def _prepared(workdir) -> bool:
-  try:
-    for split in layout.SPLITS:
-      records.read_manifest(layout.data_dir(workdir, split))
-  except records.RecordError:
-    return False
-  return True
+  """An eval JSON scores the run's latest checkpoint on every held-out split, under its recorded settings."""
+  return evaluate.is_current(workdir, run, checkpoint.latest_step(layout.checkpoint_dir(workdir, run.name)))
 
 
 def _prepare_once(config, workdir) -> None:
@@ -146,53 +121,68 @@ def _prepare_once(config, workdir) -> None:
   parallel.barrier("prepare")
 
 
-def _generator_stages(config, workdir, label: str = "") -> tuple[list[Stage], object]:
-  """Train G (and G_SR for the cascade), sample its set, score the set."""
+def _train_stages(config, workdir, label: str = "") -> list[Stage]:
+  """Train G (and G_SR for the cascade)."""
   suffix = f" {label}" if label else ""
-  synthetic = layout.synthetic_dir(workdir, generator.synthetic_set(config))
   out = [Stage(f"train_diffusion{suffix}",
                functools.partial(_trained, workdir, generator.g_run(config), config.diffusion.train.num_steps,
-                                 functools.partial(generator.g_shaping, config)),
+                                 functools.partial(generator.g_shaping, config, workdir)),
                functools.partial(diffusion.run, config, workdir))]
   if config.sample.super_resolve:
     out.append(Stage(f"train_sr{suffix}",
                      functools.partial(_trained, workdir, generator.sr_run(config), config.sr.train.num_steps,
-                                       functools.partial(generator.sr_shaping, config)),
+                                       functools.partial(generator.sr_shaping, config, workdir)),
                      functools.partial(super_resolution.run, config, workdir)))
-  out.append(Stage(f"sample{suffix}", functools.partial(_sampled, config, workdir),
-                   functools.partial(sample.run, config, workdir)))
-  return out, synthetic
+  return out
+
+
+def _set_stages(config, workdir, label: str) -> list[Stage]:
+  """Sample the set of `config` (a set_config) and score it."""
+  directory, name = generator.synthetic_dir(config, workdir), generator.synthetic_set(config)
+  return [Stage(f"sample {label}", functools.partial(sample.is_complete, config, workdir),
+                functools.partial(sample.run, config, workdir)),
+          Stage(f"evaluate_samples {label}", functools.partial(sample_quality.is_scored, workdir, directory, name),
+                functools.partial(sample_quality.run_for, config, workdir, directory, name))]
+
+
+def _curate_stages(config, workdir, label: str) -> list[Stage]:
+  pool, curated, name = (generator.synthetic_dir(config, workdir), curate.curated_dir(config, workdir),
+                         curate.curated_set(config))
+  return [Stage(f"curate {label}", functools.partial(curate.is_curated, config, workdir, pool, curated),
+                functools.partial(curate.run, config, workdir)),
+          Stage(f"evaluate_samples {label}_curated", functools.partial(sample_quality.is_scored, workdir, curated, name),
+                functools.partial(sample_quality.run_for, config, workdir, curated, name))]
 
 
 def stages(config, workdir) -> list[Stage]:
+  """The chain in order: prepare, G, the metric encoder, each set the arms need, D's runs (which also
+  score curation's pools), the curated sets, then the other arms' runs."""
   encoder = segmenter.Run.metric_encoder(config)
-  out = [Stage("prepare", functools.partial(_prepared, workdir), functools.partial(_prepare_once, config, workdir))]
-  generator_stages, synthetic = _generator_stages(config, workdir)
-  out += generator_stages
+  kinds = config.experiment.arms
+  out = [Stage("prepare", functools.partial(prepare.prepared, config, workdir),
+               functools.partial(_prepare_once, config, workdir))]
+  out += _train_stages(config, workdir)
   out.append(Stage("train_metric_encoder",
                    functools.partial(_trained, workdir, encoder.name, config.segmentation.train.num_steps,
-                                     functools.partial(segmenter.shaping, config, encoder, None)),
+                                     functools.partial(segmenter.shaping, config, encoder, None, workdir)),
                    functools.partial(metric_encoder.run, config, workdir)))
-  name = generator.synthetic_set(config)
-  out.append(Stage("evaluate_samples", functools.partial(_scored, workdir, synthetic, name),
-                   functools.partial(sample_quality.run_for, config, workdir, synthetic, name)))
+  unconditional = set_config(config, conditioned=False)
+  conditioned = set_config(config, conditioned=True)
+  if {"raw", "curated"} & set(kinds):
+    out += _set_stages(unconditional, workdir, "D'")
+  if {"conditioned", "conditioned_curated"} & set(kinds):
+    out += _set_stages(conditioned, workdir, "D'_conditioned")
   if config.experiment.image_only_baseline:
-    image_only = config.copy_and_resolve_references()
+    image_only = set_config(config, conditioned=False)
     with image_only.unlocked():
       image_only.diffusion.joint_labels = False
-    baseline_stages, baseline_set = _generator_stages(image_only, workdir, "image_only")
-    baseline_name = generator.synthetic_set(image_only)
-    out += baseline_stages
-    out.append(Stage("evaluate_samples image_only", functools.partial(_scored, workdir, baseline_set, baseline_name),
-                     functools.partial(sample_quality.run_for, config, workdir, baseline_set, baseline_name)))
+    out += _train_stages(image_only, workdir, "image_only") + _set_stages(image_only, workdir, "image_only")
   real_arm, *synthetic_arms = arms(config, workdir)
-  out += _arm_stages(config, workdir, real_arm)  # first: the real-only run also scores curation's pool
-  if config.curation.enabled:
-    curated, curated_name = curate.curated_dir(config, workdir), curate.curated_set(config)
-    out.append(Stage("curate", functools.partial(curate.is_curated, config, workdir, synthetic, curated),
-                     functools.partial(curate.run, config, workdir)))
-    out.append(Stage("evaluate_samples curated", functools.partial(_scored, workdir, curated, curated_name),
-                     functools.partial(sample_quality.run_for, config, workdir, curated, curated_name)))
+  out += _arm_stages(config, workdir, real_arm)  # first: the real-only run also scores curation's pools
+  if "curated" in kinds:
+    out += _curate_stages(unconditional, workdir, "D'")
+  if "conditioned_curated" in kinds:
+    out += _curate_stages(conditioned, workdir, "D'_conditioned")
   for arm in synthetic_arms:
     out += _arm_stages(config, workdir, arm)
   return out
@@ -203,7 +193,7 @@ def _arm_stages(config, workdir, arm: Arm) -> list[Stage]:
   out = []
   for run in arm.runs:
     def run_shaping(run=run):
-      return segmenter.shaping(config, run, arm.synthetic_dir and _set_identity(arm.synthetic_dir))
+      return segmenter.shaping(config, run, arm.synthetic_dir and _set_identity(arm.synthetic_dir), workdir)
 
     out.append(Stage(f"train_segmentation {run.name}",
                      functools.partial(_trained, workdir, run.name, config.segmentation.train.num_steps,
@@ -212,11 +202,6 @@ def _arm_stages(config, workdir, arm: Arm) -> list[Stage]:
     out.append(Stage(f"evaluate {run.name}", functools.partial(_evaluated, workdir, run),
                      functools.partial(evaluate.evaluate_run, config, workdir, run)))
   return out
-
-
-def _format_seconds(seconds: float) -> str:
-  minutes, secs = divmod(int(round(seconds)), 60)
-  return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _read_json(path) -> dict | None:
@@ -228,7 +213,7 @@ def _read_json(path) -> dict | None:
 
 
 def _arm_label(arm: Arm) -> str:
-  return "D" if arm.synthetic_ratio == 0 else f"D u D' ({pathlib.Path(arm.synthetic_dir).name})"
+  return arm.label if arm.synthetic_ratio == 0 else f"{arm.label} (`{pathlib.Path(arm.synthetic_dir).name}`)"
 
 
 def _other_runs(workdir, shown: set[str]) -> dict[str, tuple[int, list[dict]]]:
@@ -254,11 +239,50 @@ def summary(config, workdir) -> str:
   for path in sorted(layout.metrics_dir(workdir).glob(f"{sample_quality.output_name('')}_*.json")):
     quality[f"`{path.stem.removeprefix(sample_quality.output_name('') + '_')}`"] = _read_json(path)
   times = _read_json(layout.metrics_path(workdir, STAGE_TIMES)) or {}
-  return report.summary_markdown(config, evals, quality, times, others)
+  splits = {split: records.read_manifest(layout.data_dir(workdir, split)) for split in evaluate.SPLITS}
+  return report.summary_markdown(config, evals, quality, times, others, splits, convergence(config, workdir))
+
+
+def _val_curves(config, workdir) -> dict[str, tuple[list[int], list[float]]]:
+  """Each arm's val mIoU against step, the mean over its seeds (segmentation.eval_every)."""
+  out = {}
+  for arm in arms(config, workdir):
+    logs = [report.read_jsonl(layout.metrics_path(workdir, run.name, ".jsonl")) for run in arm.runs]
+    steps, values = report.mean_curve([rows for rows in logs if rows], "val_miou")
+    if steps:
+      out[_arm_label(arm)] = (steps, values)
+  return out
+
+
+def convergence(config, workdir) -> str:
+  """Whether D (real only) had converged when every arm stopped: its mean val curve's change over the
+  last fifth of training, against experiment.flat_within."""
+  curves = _val_curves(config, workdir)
+  real = curves.get(_arm_label(arms(config, workdir)[0]))
+  steps = config.segmentation.train.num_steps
+  window = max(steps // 5, config.segmentation.eval_every)  # at least two points
+  change = report.tail_change(*real, window) if real else None
+  if change is None:
+    return ("D's val curve has too few points to judge convergence (segmentation.eval_every="
+            f"{config.segmentation.eval_every}).")
+  flat = abs(change) <= config.experiment.flat_within
+  verdict = ("converged" if flat else
+             "NOT converged: raise segmentation.train.num_steps, since arms that mix synthetic pairs in see each "
+             "real pair less often and lose at a budget too short for D")
+  return (f"Every arm trains for the same {steps} steps. D's val mIoU (mean over seeds) changed by "
+          f"{100 * change:+.2f} points over the last fifth of training (steps {steps - window}-{steps}): {verdict} "
+          f"(flat means within experiment.flat_within={100 * config.experiment.flat_within:g} points). "
+          "Curves: `report/val_curves.png`.")
 
 
 def _write_curves(config, workdir) -> None:
-  """report/training_curves_<model>.png: the loss of every trained run against its step."""
+  """report/training_curves_<model>.png: the loss of every trained run against its step; report/val_curves.png:
+  each arm's mean val mIoU against step."""
+  curves = _val_curves(config, workdir)
+  if curves:
+    viz.save_png(viz.line_chart({k: (s, [100 * v for v in vs]) for k, (s, vs) in curves.items()},
+                                "val mIoU while training (mean over seeds)", x_label="step", y_label="val mIoU %"),
+                 layout.report_path(workdir, "val_curves.png"))
   runs = {"generator": [generator.g_run(config)] + ([generator.sr_run(config)] if config.sample.super_resolve else []),
           "segmenters": [run.name for arm in arms(config, workdir) for run in arm.runs] + [segmenter.METRIC_ENCODER]}
   for kind, names in runs.items():
@@ -312,9 +336,11 @@ def run(config, workdir) -> None:
     seconds, compile_seconds = time.time() - t0, _CompileClock.seconds - compiled
     if is_writer:
       _record_time(workdir, stage.name, seconds, compile_seconds)
-    print(f"{prefix}: done in {_format_seconds(seconds)} (compiling {_format_seconds(compile_seconds)})", flush=True)
+    print(f"{prefix}: done in {report.format_seconds(seconds)} (compiling {report.format_seconds(compile_seconds)})",
+          flush=True)
   if is_writer:
     _write_curves(config, workdir)
     text = summary(config, workdir)
     path = atomic.write_bytes(layout.report_path(workdir, "summary.md"), text.encode())
-    print(f"\n{text}\n[experiment] finished in {_format_seconds(time.time() - started)}; wrote {path}", flush=True)
+    print(f"\n{text}\n[experiment] finished in {report.format_seconds(time.time() - started)}; wrote {path}",
+          flush=True)

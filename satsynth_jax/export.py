@@ -196,12 +196,25 @@ def _available(workdir) -> list[str]:
   return sets
 
 
+def _holds_manifest(record_dir) -> bool:
+  """Whether the set's manifest exists; a bucket URL that cannot be read is named in one line."""
+  try:
+    return (record_dir / records.MANIFEST).is_file()
+  except ImportError as e:  # epath reads gs:// through gcsfs (or TensorFlow), an optional extra
+    raise ExportError(f"{record_dir}: reading a bucket URL needs gcsfs: pip install 'satsynth_jax[gcs]' "
+                      f"({e})") from e
+  except Exception as e:  # noqa: BLE001  (bucket backends raise their own types: no access, no network)
+    if isinstance(record_dir, pathlib.Path):
+      raise
+    raise ExportError(f"{record_dir}: cannot read the bucket: {' '.join(str(e).split())[:200]}") from e
+
+
 def run(config, workdir) -> None:
   """--mode=export: the set config.export.set names -> <workdir>/export/<set>/."""
   export = config.get("export", {})
   name = export.get("set", "")
   record_dir, export_name = resolve_set(config, workdir, name)
-  if not (record_dir / records.MANIFEST).is_file():
+  if not _holds_manifest(record_dir):
     available = ", ".join(_available(workdir)) or "none yet (run --mode=prepare or --mode=sample)"
     raise ExportError(f"config.export.set={name!r}: {record_dir} holds no finished set; this workdir has: "
                       f"{available}")

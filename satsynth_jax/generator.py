@@ -8,11 +8,16 @@ only the EMA weights a checkpoint stores for it (checkpoint.py), never an optimi
 builds the model from the config recorded beside the run (identity.py), so sampling needs
 none of the overrides the model was trained with.
 
-Run names carry the paper's ablation axes, so Table 1 and Table 3 live side by side in one
-workdir: "diffusion" (eps prediction, bit labels, joint), "diffusion_x0", "diffusion_onehot",
-"diffusion_x0_onehot", "diffusion_image_only"; G_SR likewise ("super_resolution", ...). Any
-other setting that shapes a model (U-Net width, image size, schedule) is recorded and a
-run made with other values is refused, never silently reused.
+Run names carry the paper's ablation axes and G's conditioning, so Table 1 and Table 3 live
+side by side in one workdir: "diffusion" (eps prediction, bit labels, joint), "diffusion_x0",
+"diffusion_v", "diffusion_onehot", "diffusion_x0_onehot", "diffusion_image_only",
+"diffusion_x0_presence" (class-presence conditioned); G_SR likewise ("super_resolution", ...).
+Any other setting that shapes a model (U-Net width, image size, schedule, self-conditioning,
+loss weighting) is recorded and a run made with other values is refused, never silently reused.
+
+A class-presence conditioned G (diffusion.condition="presence") samples conditionally, with
+classifier-free guidance at sample.guidance, from the presence vectors of a sampling plan
+(presence.py), or unconditionally; synthetic set names say which plan drew them.
 
 Training (train/diffusion.py, train/super_resolution.py) builds its models here too.
 """
@@ -20,6 +25,7 @@ Training (train/diffusion.py, train/super_resolution.py) builds its models here 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +33,18 @@ import numpy as np
 
 from satsynth_jax import checkpoint, identity, labels, parallel, viz, workdir as layout
 from satsynth_jax.config_check import ConfigError
-from satsynth_jax.diffusion import conditioning, sampling, schedule
+from satsynth_jax.data import prepare
+from satsynth_jax.diffusion import conditioning, guidance, sampling, schedule
 from satsynth_jax.models.unet import UNet, unet_from_config
 
 SAMPLERS = ("ddpm", "ddim")
 # Settings that shape G (and, with the SR ones, G_SR): a run made with other values is refused.
-G_SHAPING = ("data.num_classes", "data.ignore_index", "data.label_encoding", "data.no_data_code",
+G_SHAPING = ("seed", "dtype", "data.augment", "data.resize", "data.num_classes", "data.ignore_index",
+             "data.label_encoding", "data.no_data_code",
              "data.ignore_fill_class", "data.image_size", "diffusion.timesteps", "diffusion.beta_start",
-             "diffusion.beta_end", "diffusion.prediction", "diffusion.joint_labels", "diffusion.model")
+             "diffusion.beta_end", "diffusion.prediction", "diffusion.joint_labels", "diffusion.self_condition",
+             "diffusion.loss_weighting", "diffusion.min_snr_gamma", "diffusion.condition",
+             "diffusion.condition_dropout", "diffusion.model")
 SR_SHAPING = G_SHAPING + ("sr.image_size", "sr.model")
 # Training settings that do not change what a run learns, or that a resumed run may extend.
 UNSHAPING_TRAIN_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
@@ -51,13 +61,18 @@ def _ablation_suffix(config) -> str:
   return "".join(f"_{part}" for part in parts)
 
 
+def conditioned(config) -> bool:
+  """G takes class-presence vectors (diffusion.condition="presence"; never the image-only baseline)."""
+  return config.diffusion.condition == "presence" and config.diffusion.joint_labels
+
+
 def g_run(config) -> str:
-  """G's run name: "diffusion" plus its ablation axes (x0, onehot, image_only)."""
-  return "diffusion" + _ablation_suffix(config)
+  """G's run name: "diffusion" plus its ablation axes (x0, v, onehot, image_only) and "_presence"."""
+  return "diffusion" + _ablation_suffix(config) + ("_presence" if conditioned(config) else "")
 
 
 def sr_run(config) -> str:
-  """G_SR's run name: "super_resolution" plus the same ablation axes as G."""
+  """G_SR's run name: "super_resolution" plus the same ablation axes as G (it is never presence-conditioned)."""
   return "super_resolution" + _ablation_suffix(config)
 
 
@@ -67,17 +82,37 @@ def train_shaping(config, section: str) -> dict:
   return {k: v for k, v in values.items() if k.rsplit(".", 1)[1] not in UNSHAPING_TRAIN_KEYS}
 
 
-def g_shaping(config) -> dict:
-  return {**identity.select(config, G_SHAPING), **train_shaping(config, "diffusion.train")}
+def g_shaping(config, workdir=None) -> dict:
+  """The settings that shape G; with `workdir`, also what its prepared train split is (prepare.data_identity)."""
+  return {**identity.select(config, G_SHAPING), **train_shaping(config, "diffusion.train"), **data_shaping(workdir)}
 
 
-def sr_shaping(config) -> dict:
-  return {**identity.select(config, SR_SHAPING), **train_shaping(config, "sr.train")}
+def sr_shaping(config, workdir=None) -> dict:
+  """The settings that shape G_SR; with `workdir`, also what its prepared train split is."""
+  return {**identity.select(config, SR_SHAPING), **train_shaping(config, "sr.train"), **data_shaping(workdir)}
+
+
+def data_shaping(workdir) -> dict:
+  """The identity of the workdir's prepared train split (prepare.data_identity); {} for the settings alone
+  (workdir None, e.g. a set's record of its generator's settings)."""
+  return prepare.data_identity(workdir) if workdir is not None else {}
+
+
+def presence_plan_name(config) -> str:
+  """The sampling plan's part of a set name: "" (unconditional), "real", "rare_w2" (guidance 2),
+  "real-vehicle" (every pair also asks for vehicle), ..."""
+  s = config.sample
+  if not conditioned(config) or s.presence == "none":
+    return ""
+  name = s.presence + "".join("-" + re.sub(r"[^A-Za-z0-9.]", ".", c) for c in s.require_classes)
+  return name + (f"_w{s.guidance:g}" if s.guidance else "")
 
 
 def synthetic_set(config) -> str:
-  """The name of the set `--mode=sample` writes: G's run, plus "_cascade" when G_SR upsamples it."""
-  return g_run(config) + ("_cascade" if config.sample.super_resolve else "")
+  """The name of the set `--mode=sample` writes: G's run, its presence plan, and "_cascade" when G_SR
+  upsamples it."""
+  plan = presence_plan_name(config)
+  return g_run(config) + (f"_{plan}" if plan else "") + ("_cascade" if config.sample.super_resolve else "")
 
 
 def synthetic_dir(config, workdir):
@@ -104,11 +139,14 @@ def sr_factor(config) -> int:
 
 
 def build_g(config) -> UNet:
-  return unet_from_config(config.diffusion.model, joint_channels(config), config.dtype)
+  return unet_from_config(config.diffusion.model, joint_channels(config), config.dtype,
+                          self_condition=config.diffusion.self_condition,
+                          presence_classes=config.data.num_classes if conditioned(config) else 0)
 
 
 def build_sr(config) -> UNet:
-  return unet_from_config(config.sr.model, joint_channels(config), config.dtype)
+  return unet_from_config(config.sr.model, joint_channels(config), config.dtype,
+                          self_condition=config.diffusion.self_condition)
 
 
 def make_schedule(config) -> schedule.Schedule:
@@ -117,10 +155,10 @@ def make_schedule(config) -> schedule.Schedule:
 
 
 def apply_fn(model: UNet):
-  """(params, x, t, *, train, rngs, cond) -> prediction: the signature the diffusion maths uses."""
+  """(params, x, t, *, train, rngs, cond, [self_cond, presence]) -> prediction: the diffusion maths' signature."""
 
-  def apply(params, x, t, *, train, rngs, cond):
-    return model.apply({"params": params}, x, t, cond=cond, train=train, rngs=rngs)
+  def apply(params, x, t, *, train, rngs, cond, **inputs):
+    return model.apply({"params": params}, x, t, cond=cond, train=train, rngs=rngs, **inputs)
 
   return apply
 
@@ -132,20 +170,22 @@ def init_params(model: UNet, size: int, channels: int, rng: jax.Array, *, condit
 
 
 def _sample(denoise, sched, shape, rng, *, sampler: str, ddim_steps: int, ddim_eta: float, prediction: str,
-            sharding):
+            self_condition: bool, sharding):
   """The one sampler dispatch: ancestral DDPM over all T steps, or DDIM over `ddim_steps`."""
+  common = dict(prediction=prediction, self_condition=self_condition, sharding=sharding)
   if sampler == "ddpm":
-    return sampling.sample_ddpm(denoise, sched, shape, rng, prediction=prediction, sharding=sharding)
+    return sampling.sample_ddpm(denoise, sched, shape, rng, **common)
   if sampler == "ddim":
-    return sampling.sample_ddim(denoise, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta,
-                                prediction=prediction, sharding=sharding)
+    return sampling.sample_ddim(denoise, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta, **common)
   raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
 
 
 def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_steps: int = 50,
-                     ddim_eta: float = 0.0):
-  """Jitted (params, rng) -> G's joint samples [num, s, s, C] in [-1, 1], batch-sharded on `mesh`.
+                     ddim_eta: float = 0.0, guidance_scale: float = 0.0):
+  """Jitted (params, rng[, presence]) -> G's joint samples [num, s, s, C] in [-1, 1], batch-sharded on `mesh`.
 
+  `presence` [num, K] in {0, 1} (a conditioned G only) asks for the classes of each sample, with
+  classifier-free guidance at `guidance_scale`; without it a conditioned G samples unconditionally.
   The whole reverse process runs inside one program (lax.scan over timesteps).
   """
   size = config.data.image_size
@@ -153,12 +193,19 @@ def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
   sharding = parallel.batch_sharding(mesh)
   run = functools.partial(_sample, sched=make_schedule(config), shape=shape, sampler=sampler,
                           ddim_steps=ddim_steps, ddim_eta=ddim_eta, prediction=config.diffusion.prediction,
-                          sharding=sharding)
+                          self_condition=config.diffusion.self_condition, sharding=sharding)
   if sampler not in SAMPLERS:
     raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
+  apply = apply_fn(model)
 
-  def generate(params, rng):
-    return run(sampling.make_denoise_fn(apply_fn(model), params), rng=rng)
+  def generate(params, rng, presence=None):
+    if presence is None:
+      return run(sampling.make_denoise_fn(apply, params), rng=rng)
+
+    def denoise_with(code, x, t, x0_prev):
+      return sampling.make_denoise_fn(apply, params, presence=code)(x, t, x0_prev)
+
+    return run(guidance.guided_denoise_fn(denoise_with, guidance.presence_code(presence), guidance_scale), rng=rng)
 
   return jax.jit(generate, out_shardings=sharding)
 
@@ -177,7 +224,8 @@ def make_upsample_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
   sharding = parallel.batch_sharding(mesh)
   run = functools.partial(_sample, sched=make_schedule(config), shape=(num, size, size, channels),
                           sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
-                          prediction=config.diffusion.prediction, sharding=sharding)
+                          prediction=config.diffusion.prediction, self_condition=config.diffusion.self_condition,
+                          sharding=sharding)
   if sampler not in SAMPLERS:
     raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
 
@@ -217,12 +265,19 @@ def sample_grid(config, images: np.ndarray, masks: np.ndarray, title: str, **kwa
 
 
 def trained_config(config, workdir, run: str):
-  """The config G's or G_SR's run `run` was trained with (recorded beside it), else `config` itself.
+  """The config G's or G_SR's run `run` was trained with (recorded beside it), else `config` itself (no run).
 
-  Inference builds models from it, so sampling needs none of the training overrides.
+  Inference builds models from it, so sampling needs none of the training overrides. A run trained on
+  other prepared data than the workdir's, or whose config.json is damaged or gone, is refused.
   """
-  recorded = identity.recorded_config(layout.checkpoint_dir(workdir, run))
-  return recorded if recorded is not None else config
+  directory = layout.checkpoint_dir(workdir, run)
+  recorded = identity.read_existing(directory, f"checkpoints of run {run!r}")
+  if recorded is None:
+    return config
+  identity.compare(directory, prepare.made_from(recorded["shaping"]), prepare.data_identity(workdir),
+                   f"run {run!r}", f"it was trained on other prepared data: retrain it (delete {directory}), or "
+                   "use the workdir it was trained in")
+  return identity.recorded_config(directory)
 
 
 def _missing_hint(workdir, run: str, mode: str) -> str:

@@ -216,3 +216,13 @@ def encode_real_pair(image, mask, num_classes: int, encoding: str = "bits", *, i
     return encode_pair(image, mask, num_classes, encoding, ignore_index=ignore_index)
   xp = _xp(mask)
   return encode_pair(image, xp.where(mask == ignore_index, fill_class, mask), num_classes, encoding)
+
+
+def presence(mask, num_classes: int):
+  """Which classes a mask [..., H, W] holds: float32 [..., K] in {0, 1}; no-data (any value >= K) never counts.
+
+  G's class-presence condition (diffusion/guidance.py) for a pair.
+  """
+  xp = _xp(mask)
+  flat = mask.reshape(mask.shape[:-2] + (-1,))
+  return (flat[..., None, :] == xp.arange(num_classes).reshape(num_classes, 1)).any(axis=-1).astype(xp.float32)

@@ -62,11 +62,19 @@ def _stale(info: dict) -> str | None:
   pid = int(info["pid"])
   if info.get("boot_id") and boot_id() and info["boot_id"] != boot_id():
     return f"pid {pid} ran before this host rebooted"
-  if not atomic.pid_alive(pid):
+  if not _alive(pid):
     return f"pid {pid} is not running"
   if info.get("proc_start") and process_start(pid) not in (None, info["proc_start"]):
     return f"pid {pid} is now another process"
   return None
+
+
+def _alive(pid: int) -> bool:
+  """atomic.pid_alive, where a pid beyond the C range of pids (a garbled lock) names no process."""
+  try:
+    return atomic.pid_alive(pid)
+  except OverflowError:
+    return False
 
 
 def _describe(info: dict) -> str:
@@ -87,6 +95,15 @@ def _take_over(path: pathlib.Path, seen: str) -> None:
       os.unlink(aside)
 
 
+def _parse(text: str) -> dict | None:
+  """A lock file's holder; None unless it names a positive pid (0 and negative pids name process groups)."""
+  try:
+    info = json.loads(text)
+    return info if int(info["pid"]) > 0 else None
+  except (ValueError, KeyError, TypeError):
+    return None
+
+
 def _acquire_one(path: pathlib.Path, mode: str) -> dict:
   path.parent.mkdir(parents=True, exist_ok=True)
   mine = {**_holder(), "mode": mode}
@@ -97,12 +114,9 @@ def _acquire_one(path: pathlib.Path, mode: str) -> dict:
       text = _read_text(path)
       if text is None:  # released between the two calls
         continue
-      try:
-        info = json.loads(text)
-        int(info["pid"])
-      except (ValueError, KeyError, TypeError):
+      if (info := _parse(text)) is None:
         raise LockHeldError(f"{path}: unreadable lock file ({text[:60]!r}); delete it if no job of this kind "
-                            f"is running on this workdir") from None
+                            f"is running on this workdir")
       if (why := _stale(info)) is None:
         raise LockHeldError(f"{path}: held by {_describe(info)}; wait for that job to finish, or delete the lock "
                             f"if it is gone") from None

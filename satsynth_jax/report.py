@@ -106,23 +106,68 @@ def mean_pm(values: Sequence[float | None]) -> str:
   return percent(mean) if n < 2 else f"{percent(mean)} ± {100 * stderr:.2f}"
 
 
-def _format_seconds(seconds: float) -> str:
+def format_seconds(seconds: float) -> str:
+  """"7m05s", "42s"."""
   minutes, secs = divmod(int(round(seconds)), 60)
   return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def difference(values: Sequence[float | None], baseline: Sequence[float | None]) -> tuple[float, float]:
+  """(mean(values) - mean(baseline), its standard error) for independent seeds; NaN if either has < 2."""
+  a, b = mean_and_stderr(values), mean_and_stderr(baseline)
+  return a[0] - b[0], math.sqrt(a[1] ** 2 + b[1] ** 2)
+
+
+def difference_text(values, baseline) -> str:
+  """"+1.68 ± 0.48 (3.5 SE)" in percent points; "n/a" without error bars."""
+  diff, stderr = difference(values, baseline)
+  if math.isnan(diff) or math.isnan(stderr):
+    return "n/a"
+  ratio = f" ({abs(diff) / stderr:.1f} SE)" if stderr > 0 else ""
+  return f"{100 * diff:+.2f} ± {100 * stderr:.2f}{ratio}"
+
+
+def mean_curve(logs: Sequence[Sequence[dict]], key: str) -> tuple[list[int], list[float]]:
+  """Steps logged by every run, and `key`'s mean over the runs at each (a curve over seeds)."""
+  per_run = [{r["step"]: r[key] for r in rows if key in r} for rows in logs]
+  steps = sorted(set.intersection(*(set(c) for c in per_run))) if per_run else []
+  return steps, [float(np.mean([c[step] for c in per_run])) for step in steps]
+
+
+def tail_change(steps: Sequence[int], values: Sequence[float], last_steps: int) -> float | None:
+  """Change of a curve over its last `last_steps` steps (last point minus the point where that window
+  starts); None when the window holds fewer than 2 points."""
+  start = steps[-1] - last_steps if steps else 0
+  window = [v for s, v in zip(steps, values) if s >= start]
+  return window[-1] - window[0] if len(window) >= 2 else None
+
+
+def _split_heading(split: str, manifest: dict | None) -> str:
+  role = {"test": "claims are made here; no setting was ever chosen on it",
+          "val": "settings (budgets, generator levers) were chosen here"}[split]
+  if manifest is None:
+    return f"## {split.capitalize()} split ({role})"
+  notes = [n for n in manifest.get("split_notes", []) if n.startswith(f"{split}:")]
+  origin = f"; {notes[0][len(split) + 2:]}" if notes else ""
+  return (f"## {split.capitalize()} split: {manifest['num_examples']} patches from {manifest['num_scenes']} scenes "
+          f"({role}{origin})")
+
+
 def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None]]],
-                     quality: Mapping[str, dict], stage_seconds: Mapping[str, float],
-                     others: Mapping[str, tuple[int, Sequence[dict]]] | None = None) -> str:
-  """The experiment's summary: per arm mean ± standard error over seeds, per-class IoU, sample quality, times.
+                     quality: Mapping[str, dict], stage_seconds: Mapping[str, dict],
+                     others: Mapping[str, tuple[int, Sequence[dict]]] | None = None,
+                     splits: Mapping[str, dict | None] | None = None, convergence: str = "") -> str:
+  """The experiment's summary: per split, each arm's mean ± standard error over seeds and its difference
+  to D; convergence of D; sample quality; stage times.
 
   `evals` maps an arm label to (R, the eval JSON of each of its seeds' runs; None if missing);
-  `others` the same for runs this config did not ask for (earlier ablations in the workdir).
+  `others` the same for runs this config did not ask for (earlier ablations in the workdir);
+  `splits` the manifest of each held-out split (its size and where it came from).
   """
   d, g = config.data, config.segmentation
   names = list(d.class_names)
   background = d.background_index >= 0
-  header = ["train on", "R", "seeds", "mIoU", "mF1"] + (["mIoU w/o bg"] if background else [])
+  header = ["train on", "R", "seeds", "mIoU", "mIoU vs D", "mF1"] + (["mIoU w/o bg"] if background else [])
   header += [f"IoU {n}" for n in names]
   lines = [
       f"# SatSynth experiment: {d.format}, {g.architecture.upper()} segmenter",
@@ -130,43 +175,65 @@ def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None
       f"Generator: {config.diffusion.train.num_steps} steps ({config.diffusion.prediction} prediction, "
       f"{d.label_encoding} labels); {config.sample.per_real} synthetic pair(s) per real pair "
       f"({config.sample.sampler}{', through G_SR to ' + str(config.sr.image_size) + ' px' if config.sample.super_resolve else ''}); "
-      f"segmenter: {g.train.num_steps} steps at {g.image_size or d.image_size}px, backbone "
+      f"segmenter: {g.train.num_steps} steps at {g.image_size or d.image_size}px for every arm, synthetic pairs "
+      f"{100 * d.synthetic_fraction:g}% of each batch, backbone "
       f"{'from ImageNet weights (' + g.pretrained_path + ')' if g.pretrained_path else 'trained from scratch'}. "
-      "Scores on the val split (%): mean ± standard error over seeds.",
-      "",
-      "| " + " | ".join(header) + " |",
-      "|" + "---|" * len(header),
+      "Scores in %: mean ± standard error over seeds (each seed its own initialisation, data order and "
+      "augmentation); \"vs D\": the difference to D's mean ± its standard error, and how many standard errors that is.",
   ]
-  def table_row(label, ratio, rows):
-    scores = [row["scores"] for row in rows if row is not None]
 
-    def column(key):
-      return mean_pm([s.get(key) for s in scores])
+  def split_rows(split):
+    return lambda rows: [row["splits"][split]["scores"] for row in rows if row is not None and split in row.get("splits", {})]
 
-    cells = [label, str(ratio), str(len(scores)), column("miou"), column("mf1")]
-    cells += [column("miou_no_background")] if background else []
-    cells += [column(f"iou/{n}") for n in names]
-    return "| " + " | ".join(cells) + " |"
+  for split in ("test", "val"):
+    scores_of = split_rows(split)
+    baseline = next(iter(evals.values()), (0, []))[1]
+    base = [s.get("miou") for s in scores_of(baseline)]
 
-  lines += [table_row(label, ratio, rows) for label, (ratio, rows) in evals.items()]
-  if others:
-    lines += ["", "Other segmenter runs in this workdir (earlier ablations, by run name):", "",
-              "| " + " | ".join(["run"] + header[1:]) + " |", "|" + "---|" * len(header)]
-    lines += [table_row(f"`{group}`", ratio, rows) for group, (ratio, rows) in others.items()]
+    def table_row(label, ratio, rows, scores_of=scores_of, base=base):
+      scores = scores_of(rows)
+
+      def column(key):
+        return mean_pm([s.get(key) for s in scores])
+
+      cells = [label, str(ratio), str(len(scores)), column("miou"),
+               "" if ratio == 0 else difference_text([s.get("miou") for s in scores], base), column("mf1")]
+      cells += [column("miou_no_background")] if background else []
+      cells += [column(f"iou/{n}") for n in names]
+      return "| " + " | ".join(cells) + " |"
+
+    lines += ["", _split_heading(split, (splits or {}).get(split)), "",
+              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [table_row(label, ratio, rows) for label, (ratio, rows) in evals.items()]
+    if others:
+      lines += ["", "Other segmenter runs in this workdir (earlier ablations, by run name):", "",
+                "| " + " | ".join(["run"] + header[1:]) + " |", "|" + "---|" * len(header)]
+      lines += [table_row(f"`{group}`", ratio, rows) for group, (ratio, rows) in others.items()]
+  if convergence:
+    lines += ["", "## Convergence", "", convergence]
   if quality:
-    lines += ["", "Sample quality (features of the metric encoder, a U-Net segmenter trained on the real train",
-              "split; compare numbers only under the same encoder id):", "",
-              "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | metric encoder |", "|---|---|---|---|---|---|"]
+    lines += ["", "## Synthetic sets", "",
+              "Features of the metric encoder, a U-Net segmenter trained on the real train split (compare FID, "
+              "sFID and IS only under the same encoder id); class TV: total variation between the set's and "
+              "the real train split's class pixel shares (0: the same shares); presence accuracy: the fraction "
+              "of pairs asked for a class whose mask holds it (conditioned sets).", "",
+              "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | class TV | presence accuracy | "
+              "metric encoder |", "|---|---|---|---|---|---|---|---|"]
     for label, q in quality.items():
+      accuracy = q.get("presence_accuracy") or {}
+      shown = ", ".join(f"{name} {100 * v:.0f}%" for name, v in accuracy.items() if v is not None) or "-"
+      tv = q.get("class_tv")
       lines.append(f"| {label} | {q['fid']:.3f} | {q['sfid']:.3f} | {q['is']['mean']:.3f} | "
-                   f"{percent(q['label_fidelity_miou'])} | `{q['metric_encoder']}` |")
+                   f"{percent(q['label_fidelity_miou'])} | {'-' if tv is None else f'{tv:.3f}'} | {shown} | "
+                   f"`{q['metric_encoder']}` |")
   if stage_seconds:
     total = sum(t["seconds"] for t in stage_seconds.values())
     compiling = sum(t["compile_seconds"] for t in stage_seconds.values())
-    lines += ["", f"Stage times (wall clock of each stage's last run, of which compiling; {_format_seconds(total)} "
-              f"in all, {_format_seconds(compiling)} compiling): "
-              + ", ".join(f"{name} {_format_seconds(t['seconds'])} ({_format_seconds(t['compile_seconds'])})"
+    lines += ["", f"Stage times (wall clock of each stage's last run, of which compiling; {format_seconds(total)} "
+              f"in all, {format_seconds(compiling)} compiling): "
+              + ", ".join(f"{name} {format_seconds(t['seconds'])} ({format_seconds(t['compile_seconds'])})"
                           for name, t in stage_seconds.items()) + "."]
-  lines += ["", "Pictures: `report/eval_*.png` (predictions), `samples/synthetic_grid.png`,",
-            "`report/class_frequency_real_vs_synthetic.png`, `report/prepare_*.png`.", ""]
+  lines += ["", "Pictures: `report/val_curves.png` (every arm's val mIoU while training), `report/eval_*.png` "
+            "(test predictions), `samples/synthetic_grid.png`, `report/class_frequency_*.png`, "
+            "`report/sample_quality_*.png`, `report/prepare_*.png`.", ""]
   return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 R = sample.per_real, P = curation.pool_factor with curation.enabled (else 1: the paper's R x |D|). A segmenter
 arm with ratio R trains on the set's first R x |D| pairs (an unbiased draw); curation
-(curate.py) picks its R x |D| from the whole pool.
+(curate.py) picks its R x |D| from the whole pool. A class-presence conditioned G draws pair j
+with request j of the set's sampling plan (presence.py, sample.presence), saved beside the set.
 
 Shard s always holds the same examples for a given process count (its noise comes from
 fold_in(seed, s)), and each shard is written atomically, so an interrupted run is completed by
@@ -26,7 +27,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import generator, identity, parallel, report, viz, workdir as layout
+from satsynth_jax import atomic, checkpoint, generator, identity, parallel, presence, report, viz, workdir as layout
 from satsynth_jax.data import records
 from satsynth_jax.errors import SatSynthError
 
@@ -40,22 +41,52 @@ def pool_factor(config) -> int:
   return config.curation.pool_factor if config.curation.enabled else 1
 
 
-def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_config=None) -> dict:
-  """The settings that shape a synthetic set: the generator (run, step, its settings), G_SR's (with the
-  cascade; `sr_config` is the config it was trained with) and the sampler."""
+def presence_plan(config, gconfig) -> dict | None:
+  """The set's sampling plan for a presence-conditioned G (None for an unconditioned one)."""
+  if not generator.conditioned(gconfig):
+    return None
   s = config.sample
-  return {"generator": generator.g_run(config), "checkpoint_step": step,
-          "generator_settings": generator.g_shaping(gconfig),
+  return {"presence": s.presence, "require_classes": list(s.require_classes), "guidance": s.guidance}
+
+
+def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_config=None, workdir=None) -> dict:
+  """The settings that shape a synthetic set: the generator (run, step, its settings and, given `workdir`,
+  the prepared data it learned from), G_SR's (with the cascade; `sr_config` is the config it was trained
+  with), the sampler and the presence plan."""
+  s = config.sample
+  return {"presence_plan": presence_plan(config, gconfig), "generator": generator.g_run(config), "checkpoint_step": step,
+          "generator_settings": generator.g_shaping(gconfig, workdir),
           "super_resolution": generator.sr_run(config) if sr_step is not None else None,
           "super_resolution_step": sr_step, "per_real": s.per_real, "num_real": num_real,
           "pool_factor": pool_factor(config),
           "requested": pool_factor(config) * s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
           "sampler": s.sampler, "ddim_steps": s.ddim_steps, "ddim_eta": s.ddim_eta, "seed": config.seed,
-          "super_resolution_settings": generator.sr_shaping(sr_config) if sr_step is not None else None,
+          "super_resolution_settings": generator.sr_shaping(sr_config, workdir) if sr_step is not None else None,
           "image_size": sr_config.sr.image_size if sr_step is not None else gconfig.data.image_size,
           "num_classes": gconfig.data.num_classes, "label_encoding": gconfig.data.label_encoding,
           "no_data_code": gconfig.data.no_data_code, "joint_labels": gconfig.diffusion.joint_labels,
           "prediction": gconfig.diffusion.prediction}
+
+
+def is_complete(config, workdir) -> bool:
+  """Does the config's set hold every pair its plan asks for, drawn from the current G (and G_SR)?
+  A set made under another plan is refused (identity.SettingsMismatchError)."""
+  out_dir = generator.synthetic_dir(config, workdir)
+  try:
+    manifest = records.read_manifest(out_dir)
+    real = records.read_manifest(layout.data_dir(workdir, "train"))
+  except records.RecordError:
+    return False
+  g_run = generator.g_run(config)
+  step = checkpoint.latest_step(layout.checkpoint_dir(workdir, g_run))
+  sr_config = sr_step = None
+  if config.sample.super_resolve:
+    sr_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, generator.sr_run(config)))
+    sr_config = generator.trained_config(config, workdir, generator.sr_run(config))
+  expected = plan(config, generator.trained_config(config, workdir, g_run), real["num_examples"], step, sr_step,
+                  sr_config, workdir)
+  identity.check(out_dir, expected, "this synthetic set", "delete it (or use another --workdir) to sample again")
+  return manifest["num_examples"] == expected["requested"]
 
 
 def _pairs(config, joint: np.ndarray, first_index: int, step: int, rng: np.random.Generator):
@@ -66,11 +97,12 @@ def _pairs(config, joint: np.ndarray, first_index: int, step: int, rng: np.rando
 
 
 def _make_draw(config, gconfig, workdir, mesh, batch: int, params, generate):
-  """(draw, sr_config, sr_step): draw(key) -> G's samples, or with config.sample.super_resolve the
-  cascade's (G_SR high-res, G low-res) pair of batches; sr_step is G_SR's step (None without it).
+  """(draw, sr_config, sr_step): draw(key, requests) -> G's samples (asked for `requests` [batch, K], or
+  unconditional for None), or with config.sample.super_resolve the cascade's (G_SR high-res, G low-res)
+  pair of batches; sr_step is G_SR's step (None without it).
   """
   if not config.sample.super_resolve:
-    return (lambda key: generate(params, key)), None, None
+    return (lambda key, requests: generate(params, key, requests)), None, None
   s = config.sample
   sr_config, sr_model, sr_params, sr_step = generator.restore_sr(config, workdir, mesh, s.sr_checkpoint_step)
   shared = [k for k in generator.G_SHAPING if k != "diffusion.model"]  # G_SR reads G's pairs: these must agree
@@ -81,8 +113,8 @@ def _make_draw(config, gconfig, workdir, mesh, batch: int, params, generate):
   upsample = generator.make_upsample_fn(sr_config, sr_model, mesh, batch, sampler=s.sampler,
                                         ddim_steps=s.ddim_steps, ddim_eta=s.ddim_eta)
 
-  def draw(key):
-    low = generate(params, key)
+  def draw(key, requests):
+    low = generate(params, key, requests)
     return upsample(sr_params, jax.random.fold_in(key, 1), low), low
 
   return draw, sr_config, sr_step
@@ -100,29 +132,42 @@ def _fetch(drawn, count: int, cascade: bool, where: str) -> tuple[np.ndarray, tu
   return joint, first
 
 
+def _shard_done(path: str, count: int) -> bool:
+  """Whether a resumed set's shard holds its `count` records intact; a truncated or corrupt one (or one
+  without its index) is drawn again, so the manifest written last never meets it."""
+  if not os.path.exists(path):
+    return False
+  try:
+    return records.shard_entry(path)["count"] == count
+  except records.RecordError as e:
+    logging.warning("%s; sampling that shard again", e)
+    return False
+
+
 def run(config, workdir) -> None:
   """--mode=sample: P x R x |D| pairs of this config's generator into synthetic/<set>/, resumable."""
   s = config.sample
   real = records.read_manifest(layout.data_dir(workdir, "train"))
-  out_dir = layout.synthetic_dir(workdir, generator.synthetic_set(config))
+  out_dir = generator.synthetic_dir(config, workdir)
   batch = parallel.per_process_batch_size(s.batch_size, "sample.batch_size")
   mesh = parallel.make_mesh(jax.local_devices())
   gconfig, model, params, step = generator.restore_g(config, workdir, mesh, s.checkpoint_step)
   generate = generator.make_generate_fn(gconfig, model, mesh, batch, sampler=s.sampler, ddim_steps=s.ddim_steps,
-                                        ddim_eta=s.ddim_eta)
+                                        ddim_eta=s.ddim_eta, guidance_scale=s.guidance)
   draw, sr_config, sr_step = _make_draw(config, gconfig, workdir, mesh, batch, params, generate)
   out_config = sr_config if sr_config is not None else gconfig  # what the set's pairs are decoded with
-  shaping = plan(config, gconfig, real["num_examples"], step, sr_step, sr_config)
+  shaping = plan(config, gconfig, real["num_examples"], step, sr_step, sr_config, workdir)
   process, num_processes = jax.process_index(), jax.process_count()
   is_writer = process == 0
   identity.ensure(out_dir, config, shaping, "this synthetic set",
                   "delete it (or sample into another --workdir) to sample again", write=is_writer)
 
   total, per_shard = shaping["requested"], shaping["examples_per_shard"]
+  requests = _requests(config, gconfig, workdir, out_dir, total, write=is_writer)
   counts = [min(per_shard, total - start) for start in range(0, total, per_shard)]
   # A fixed owner per shard: the processes never need to agree on who draws what.
   todo = [i for i in range(process, len(counts), num_processes)
-          if records.shard_record_count(os.path.join(out_dir, records.shard_filename(i))) != counts[i]]
+          if not _shard_done(os.path.join(out_dir, records.shard_filename(i)), counts[i])]
   logging.info("sample: %d pairs in %d shards from checkpoint %d; process %d of %d writes shards %s", total,
                len(counts), step, process, num_processes, todo)
   base = jax.random.fold_in(jax.random.key(config.seed), step)
@@ -132,7 +177,8 @@ def run(config, workdir) -> None:
   def dispatch(shard: int):
     """Start shard `shard`'s draws; JAX runs them while the host encodes the previous shard."""
     key = jax.random.fold_in(base, shard)
-    return [draw(jax.random.fold_in(key, b)) for b in range(math.ceil(counts[shard] / batch))]
+    return [draw(jax.random.fold_in(key, b), _batch_requests(requests, shard * per_shard + b * batch, batch))
+            for b in range(math.ceil(counts[shard] / batch))]
 
   with jax.set_mesh(mesh), tqdm(total=sum(counts[i] for i in todo), desc="sample", unit="pair",
                                 disable=not is_writer, dynamic_ncols=True) as bar:
@@ -156,6 +202,24 @@ def run(config, workdir) -> None:
                            **{k: v for k, v in shaping.items()
                               if k not in ("generator_settings", "super_resolution_settings", "num_classes")})
     write_report(config, workdir, out_dir, real, records.read_manifest(out_dir))
+
+
+def _requests(config, gconfig, workdir, out_dir, total: int, *, write: bool) -> np.ndarray | None:
+  """The plan's request per pair (None: unconditional), saved beside the set as presence.REQUESTS_FILE."""
+  requests = presence.requests_for(config, gconfig, layout.data_dir(workdir, "train"), total)
+  if requests is not None and write:
+    atomic.write(os.path.join(out_dir, presence.REQUESTS_FILE), lambda f: np.save(f, requests))
+  return requests
+
+
+def _batch_requests(requests: np.ndarray | None, start: int, batch: int) -> np.ndarray | None:
+  """Rows start..start+batch of the requests, padded with the last row past the end (those samples are dropped)."""
+  if requests is None:
+    return None
+  rows = requests[start:start + batch]
+  if len(rows) < batch:
+    rows = np.concatenate([rows, np.repeat(rows[-1:], batch - len(rows), axis=0)])
+  return rows.astype(np.float32)
 
 
 def _write_cascade_grid(config, workdir: str, low: np.ndarray, high: np.ndarray) -> None:

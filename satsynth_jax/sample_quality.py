@@ -11,6 +11,11 @@ own run `checkpoints/metric_encoder/`. Its features replace Inception (metrics/f
              predictions are scored against the synthetic masks (mIoU, per-class IoU): high
              when the generated masks describe the generated images. Undefined (null) for
              a set without labelled pixels, e.g. an image-only baseline's all-ignore masks.
+  class shares (not in the paper)  "class_frequency": each class's share of the labelled
+             pixels in the real train split and in the set, and "class_tv", their total
+             variation distance (0: the same shares); drawn in report/class_frequency_<set>.png.
+  presence accuracy (conditioned sets)  of the pairs asked for class c (the set's saved
+             requests, presence.py), the fraction whose decoded mask holds c.
 
 Every image is viewed as the segmenter sees it: `data.image_size`, through the eval pipeline
 (resized or centre-cropped as `data.resize` says), so 256 px super-resolved samples are
@@ -35,11 +40,13 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from satsynth_jax import atomic, evaluate, generator, parallel, report, segmenter, viz, workdir as layout
+from satsynth_jax import (atomic, checkpoint, evaluate, generator, labels, parallel, presence, report, segmenter, viz,
+                          workdir as layout)
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.metrics import fid
 from satsynth_jax.metrics import segmentation as seg_metrics
+from satsynth_jax.metrics import synthetic as synthetic_metrics
 
 IS_SPLITS = 10  # the usual protocol (10 parts of 5000 images)...
 IS_MIN_SPLIT_SIZE = 100  # ...but fewer parts for small sets: each part's marginal p(y) needs images
@@ -114,6 +121,59 @@ def _without_nan(scores: dict[str, float]) -> dict[str, float | None]:
   return {key: None if math.isnan(value) else value for key, value in scores.items()}
 
 
+def label_statistics(config, train_manifest: dict, synthetic_dir) -> dict:
+  """class_frequency (real train vs set), class_tv (None for a set without labels, e.g. the image-only
+  baseline's) and, for a set drawn from presence requests, presence_accuracy."""
+  names = list(config.data.class_names)
+  pixels = records.read_manifest(synthetic_dir)["class_pixels"]
+  real, synthetic = (synthetic_metrics.class_shares(p) for p in (train_manifest["class_pixels"], pixels))
+  out = {"class_frequency": {"real": dict(zip(names, real.tolist())), "synthetic": dict(zip(names, synthetic.tolist()))},
+         "class_tv": synthetic_metrics.total_variation(real, synthetic) if any(pixels) else None,
+         "presence_accuracy": None}
+  requests_path = pathlib.Path(synthetic_dir) / presence.REQUESTS_FILE
+  if requests_path.exists():
+    requested = np.load(requests_path)
+    source = records.PairSource(synthetic_dir)
+    try:
+      produced = np.stack([labels.presence(source[i]["mask"], len(names)) for i in range(len(source))])
+    finally:
+      source.close()
+    accuracy = synthetic_metrics.presence_accuracy(requested[:len(produced)], produced)
+    out["presence_accuracy"] = {name: None if math.isnan(v) else float(v) for name, v in zip(names, accuracy)}
+  return out
+
+
+def label_chart(config, statistics: dict, title: str):
+  """Real vs synthetic class shares (log scale) and, when requested, the presence accuracy per class."""
+  names = list(config.data.class_names)
+  shares = {kind: [statistics["class_frequency"][kind][n] for n in names] for kind in ("real", "synthetic")}
+  chart = viz.grouped_bar_chart(shares, names, title=f"{title}: class share of labelled pixels "
+                                f"(total variation {statistics['class_tv']:.3f})", log=True)
+  accuracy = statistics["presence_accuracy"]
+  if accuracy is None:
+    return chart
+  values = [accuracy[n] for n in names]
+  bars = viz.bar_chart([0.0 if v is None else v for v in values],
+                       [f"{n} (not asked)" if v is None else n for n, v in zip(names, values)],
+                       f"{title}: presence accuracy (pairs asked for the class whose mask holds it)",
+                       colors=config.data.palette, value_label="fraction", value_format=lambda v: f"{v:.2f}",
+                       width=chart.width)
+  return viz.stack([chart, bars])
+
+
+def is_scored(workdir, synthetic_dir, name: str) -> bool:
+  """A sample-quality JSON exists for the finished set `synthetic_dir`, under the current metric encoder."""
+  path = layout.metrics_path(workdir, output_name(name))
+  if not path.exists():
+    return False
+  with open(path, encoding="utf-8") as f:
+    scores = json.load(f)
+  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, segmenter.METRIC_ENCODER))
+  return (scores["num_synthetic"] == records.read_manifest(synthetic_dir)["num_examples"]
+          and scores["metric_encoder"].startswith(f"{segmenter.METRIC_ENCODER}@{encoder_step}:")
+          and "class_tv" in scores)
+
+
 def output_name(name: str) -> str:
   """"sample_quality_<set>" (metrics/ and report/ file stem), "sample_quality" for an unnamed set."""
   if not re.fullmatch(r"[A-Za-z0-9_.-]*", name):
@@ -145,6 +205,7 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
     result = evaluate.evaluate_split(config, model, variables, synthetic_dir, mesh)
     fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
   summary = {
+      **label_statistics(config, records.read_manifest(train_dir), synthetic_dir),
       "metric_encoder": encoder, "image_size": pipeline.segmentation_size(config),
       "real_dir": str(train_dir), "synthetic_dir": str(synthetic_dir), "num_real": real.count, "num_synthetic": synthetic.count,
       **distances(real, synthetic), "is": inception_score(synthetic), "set": pathlib.Path(synthetic_dir).name,
@@ -157,6 +218,9 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
   if jax.process_index() == 0:
     atomic.write_bytes(layout.metrics_path(workdir, stem),
                        json.dumps(summary, indent=1, allow_nan=False).encode())
+    if has_labels:
+      viz.save_png(label_chart(config, summary, pathlib.Path(synthetic_dir).name),
+                   layout.report_path(workdir, f"class_frequency_{pathlib.Path(synthetic_dir).name}.png"))
     headline = (f"{stem}: FID {summary['fid']:.4g}, sFID {summary['sfid']:.4g}, IS {summary['is']['mean']:.3f} "
                 f"over {synthetic.count} synthetic vs {real.count} real images ({encoder})")
     if fidelity is not None:

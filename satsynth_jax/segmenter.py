@@ -60,15 +60,18 @@ class Run:
     return cls(METRIC_ENCODER, "unet", 0, config.seed)
 
 
-SHAPING = ("data.num_classes", "data.ignore_index", "data.augment", "data.resize", "segmentation.backbone_stages",
-           "segmentation.base_width",
-           "segmentation.pretrained_path", "segmentation.image_size")
+SHAPING = ("dtype", "data.num_classes", "data.ignore_index", "data.augment", "data.resize",
+           "segmentation.backbone_stages", "segmentation.base_width", "segmentation.pretrained_path",
+           "segmentation.image_size")
 
 
-def shaping(config, run: Run, synthetic: dict | None) -> dict:
-  """The settings that shape a segmenter run; `synthetic` is the recorded identity of its set (R > 0)."""
+def shaping(config, run: Run, synthetic: dict | None, workdir=None) -> dict:
+  """The settings that shape a segmenter run; `synthetic` is the recorded identity of its set (R > 0);
+  with `workdir`, also what its prepared train split is (prepare.data_identity)."""
   out = {**identity.select(config, SHAPING), **generator.train_shaping(config, "segmentation.train"),
-         "architecture": run.architecture, "synthetic_ratio": run.synthetic_ratio, "seed": run.seed}
+         "architecture": run.architecture, "synthetic_ratio": run.synthetic_ratio, "seed": run.seed,
+         "input_size": pipeline.segmentation_size(config),  # data.image_size when segmentation.image_size is 0
+         **generator.data_shaping(workdir)}
   if run.synthetic_ratio > 0:
     out.update({"data.synthetic_fraction": config.data.synthetic_fraction, "synthetic_set": synthetic})
   return out
@@ -89,8 +92,10 @@ def init_variables(model: nn.Module, size: int, rng: jax.Array) -> dict:
 def restore(config, workdir, run: Run, mesh, step: int | None = None) -> tuple[nn.Module, dict, int]:
   """(model, {"params", "batch_stats"} replicated on `mesh`, checkpoint step) of `run`; latest if step None.
 
-  The params are the EMA weights when the run kept them.
+  The params are the EMA weights when the run kept them. A run trained with other settings than
+  `config`'s (or on other prepared data) is refused naming each key, before any checkpoint is read.
   """
+  check_trained_with(config, workdir, run)
   model = build(config, run.architecture)
   abstract = jax.eval_shape(functools.partial(init_variables, model, pipeline.segmentation_size(config)),
                             jax.random.key(0))
@@ -98,3 +103,14 @@ def restore(config, workdir, run: Run, mesh, step: int | None = None) -> tuple[n
   variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run.name), abstract, mesh, step,
                                                  hint=f"run --mode={mode} first")
   return model, variables, step
+
+
+def check_trained_with(config, workdir, run: Run) -> None:
+  """Refuse a run whose recorded shaping differs from `config`'s on this workdir's data (its synthetic
+  set as recorded: scoring a run never reads that set), or whose config.json is damaged or gone."""
+  directory = layout.checkpoint_dir(workdir, run.name)
+  recorded = identity.read_existing(directory, f"checkpoints of run {run.name!r}")
+  if recorded is not None:
+    expected = shaping(config, run, recorded["shaping"].get("synthetic_set"), workdir)
+    identity.compare(directory, recorded["shaping"], expected, f"run {run.name!r}",
+                     "pass the settings it was trained with (its config.json), or retrain it")

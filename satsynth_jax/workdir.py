@@ -2,7 +2,7 @@
 
 ```
 <workdir>/
-  data/<split>/            prepared real records (train, val)
+  data/<split>/            prepared real records (train, val, test)
   demo_source/             the demo's procedural scenes (before prepare converts them)
   checkpoints/<run>/       one orbax run per trained model, with its config.json
   synthetic/<set>/         sampled (and curated) record sets, with their config.json
@@ -21,7 +21,9 @@ import pathlib
 
 from satsynth_jax.errors import SatSynthError
 
-SPLITS = ("train", "val")
+# train: what G and the segmenters learn from; val: where settings are chosen (curves, levers);
+# test: scenes no setting is ever chosen on, where the experiment's claims are made.
+SPLITS = ("train", "val", "test")
 
 
 class WorkdirError(SatSynthError, ValueError):

@@ -56,15 +56,16 @@ def test_a_truncated_shard_stops_training_naming_the_shard_and_record(prepared):
 
 
 def _folder_source(root, mask_values=(0, 1, 2), mask_size=(24, 24)):
-  """A `folder` source of two scenes (index masks); scene s1's mask draws from mask_values at mask_size."""
+  """A `folder` source of three scenes (train, val and test hold one each); scene s1's mask draws from
+  mask_values at mask_size."""
   rng = np.random.default_rng(0)
-  for stem in ("s1", "s2"):
+  for stem in ("s1", "s2", "s3"):
     save(root / "images" / f"{stem}.png", rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
     values, size = (mask_values, mask_size) if stem == "s1" else ((0, 1, 2), (24, 24))
     save(root / "masks" / f"{stem}.png", rng.choice(np.asarray(values, np.uint8), size))
   return {"data.format": "folder", "data.source_dir": str(root), "data.num_classes": 3,
           "data.class_names": "('a','b','c')", "data.palette": "((0,0,0),(9,9,9),(99,99,99))",
-          "data.patch_size": 12, "data.val_fraction": 0.5}
+          "data.patch_size": 12, "data.val_fraction": 0.5, "data.test_fraction": 0.34}
 
 
 def test_a_mask_with_out_of_range_classes_stops_prepare_naming_the_file_and_values(tmp_path):
@@ -72,7 +73,7 @@ def test_a_mask_with_out_of_range_classes_stops_prepare_naming_the_file_and_valu
   line = error_line(cli("prepare", tmp_path / "w", overrides, config="default", timeout=120))
   assert str(tmp_path / "src" / "masks" / "s1.png") in line and "7: " in line, line
   # The split holding s1 never records "complete" (the other may, when written first).
-  assert not all((tmp_path / "w" / "data" / split / "manifest.json").exists() for split in ("train", "val"))
+  assert not all((tmp_path / "w" / "data" / split / "manifest.json").exists() for split in ("train", "val", "test"))
 
 
 def test_image_and_mask_of_different_sizes_stop_prepare_naming_both_files(tmp_path):

@@ -81,14 +81,20 @@ def test_thresholds_are_mean_plus_tolerance_std_per_class():
   assert keep.all()
 
 
-def test_fidelity_is_the_agreeing_share_of_labelled_pixels():
+def test_fidelity_is_class_balanced_so_a_dominant_class_cannot_hide_a_wrong_one():
   _, masks, _ = _hand_built_pool()
   pred = masks.copy()
   pred[pred == IGNORE] = 0
-  pred[1, :6] = 5  # pair 1: 48 of 64 pixels wrong
-  fidelity = curate.label_fidelity(pred, masks, IGNORE)
-  np.testing.assert_allclose(fidelity, [1.0, 16 / 64, 1.0, 1.0])
-  assert np.isnan(curate.label_fidelity(pred[:1], np.full((1, 8, 8), IGNORE), IGNORE)[0])
+  pred[1, :6] = 5  # pair 1: rows 0-5 wrong: class 0 keeps 8 of 16, class 1 8 of 32, class 2 none of 16
+  fidelity = curate.label_fidelity(pred, masks, K)
+  np.testing.assert_allclose(fidelity, [1.0, (8 / 16 + 8 / 32 + 0 / 16) / 3, 1.0, 1.0])
+  assert np.isnan(curate.label_fidelity(pred[:1], np.full((1, 8, 8), IGNORE), K)[0])
+  # 60 field pixels right, a 4-pixel building drawn where the scorer sees field: 94% of pixels agree,
+  # but the pair holds two classes and one of them is wrong.
+  field = np.zeros((1, 8, 8), np.int64)
+  mask = field.copy()
+  mask[0, :2, :2] = 2
+  assert curate.label_fidelity(field, mask, K)[0] == pytest.approx(0.5)
 
 
 # ---- selection ----
@@ -229,6 +235,66 @@ def test_curated_set_filters_the_wrong_square_and_drops_bad_pairs(image_scored, 
     curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "strict"), run)
 
 
+def test_thresholds_and_weights_come_from_the_real_train_split_not_the_pool(image_scored):
+  """A generator that always draws class 2 as class 1: in the pool, class 1's losses are half small and half
+  large, so a threshold from the pool's own spread (mean + std) would keep every wrong pixel and call
+  class 1 hard. From the scorer's losses on real train pairs, every wrongly drawn pixel goes."""
+  config, workdir, _, _ = image_scored
+  config.curation.selection, config.curation.min_fidelity = "hard_rare", 0.0
+  pool = []
+  for i in range(10):
+    truth = _truth(i)
+    pool.append((truth, np.where(truth == 2, 1, truth)))
+  pool_dir = layout.synthetic_dir(workdir, "always_wrong")
+  _write(pool_dir, pool, config, "pool")
+  identity.record(pool_dir, config, {"generator": "test", "requested": 10})
+  out_dir = layout.synthetic_dir(workdir, "always_wrong_curated")
+  manifest = curate.curate_set(config, workdir, pool_dir, out_dir, segmenter.Run.metric_encoder(config))
+  for name, pair in _by_id(out_dir).items():
+    truth = _resized(pool[int(name[-3:])][0])
+    assert np.all(pair["mask"][truth == 2] == IGNORE), name  # every wrongly drawn pixel filtered
+    assert np.all(pair["mask"][truth != 2] == truth[truth != 2]), name  # and nothing else
+
+  def moments_of(pairs):
+    total = np.zeros((3, K))
+    for truth, mask in pairs:
+      small_truth, small_mask = _small(truth), _small(mask)
+      logits = ImageScorer().apply({"params": {"sharpness": np.float32(1.0)}},
+                                   jnp.asarray(_image_of(small_truth)[None], jnp.float32) / 255.0)
+      loss, _ = curate.pixel_losses(logits, jnp.asarray(small_mask[None]), IGNORE)
+      total += curate.class_loss_moments(np.asarray(loss), small_mask[None], K, IGNORE)
+    return total
+
+  train = records.read_manifest(layout.data_dir(workdir, "train"))
+  from_train = curate.class_weights(curate.class_mean_loss(moments_of([(_truth(i), _truth(i)) for i in range(4)])),
+                                    train["class_pixels"])
+  from_pool = curate.class_weights(curate.class_mean_loss(moments_of(pool)), train["class_pixels"])
+  np.testing.assert_allclose(manifest["class_weights"], from_train, rtol=1e-4)
+  assert not np.allclose(from_pool, from_train, rtol=1e-2)  # the pool would have made class 1 hard
+
+
+def _small(labels: np.ndarray) -> np.ndarray:
+  """16 px labels at the scorer's 8 px (the pipeline's nearest rule)."""
+  return curate.resize_nearest(labels, (8, 8))
+
+
+def _resized(labels: np.ndarray) -> np.ndarray:
+  """The 8 px verdict mapped back to 16 px, as curation writes masks."""
+  return curate.resize_nearest(_small(labels), (16, 16))
+
+
+def test_curating_a_set_into_itself_is_refused_and_deletes_nothing(image_scored):
+  """data.synthetic_dir pointed at a curated set (its config.json gone) makes it both pool and output:
+  refused before anything is read or written, so no shard is lost."""
+  config, workdir, pool_dir, _ = image_scored
+  os.remove(os.path.join(pool_dir, "config.json"))
+  before = {name: os.path.getmtime(os.path.join(pool_dir, name)) for name in os.listdir(pool_dir)}
+  with pytest.raises(curate.CurationError, match=r"is both the pool and the curated set"):
+    curate.curate_set(config, workdir, pool_dir, os.path.join(str(pool_dir), "..", os.path.basename(pool_dir)),
+                      segmenter.Run.metric_encoder(config))
+  assert {name: os.path.getmtime(os.path.join(pool_dir, name)) for name in os.listdir(pool_dir)} == before
+
+
 def test_a_pool_smaller_than_r_times_d_is_refused(image_scored):
   config, workdir, pool_dir, _ = image_scored
   config.sample.per_real = 3
@@ -253,7 +319,9 @@ def demo(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, 16, 0))
     state = segmentation.init_state(segmenter.build(config, "unet"), 16, config.segmentation.train, jax.random.key(0))
-  mngr = checkpoint.manager(layout.checkpoint_dir(workdir, run.name))
+  directory = layout.checkpoint_dir(workdir, run.name)
+  identity.record(directory, config, segmenter.shaping(config, run, None, workdir))  # as training records it
+  mngr = checkpoint.manager(directory)
   checkpoint.save(mngr, 5, state)
   mngr.wait_until_finished()
   rng = np.random.default_rng(0)
@@ -271,29 +339,34 @@ def demo(tmp_path_factory):
   return config, workdir, pool_dir
 
 
-def _forbid_val(monkeypatch, workdir):
-  """Any read of the val split fails the test; the folder is also moved away."""
-  val = str(layout.data_dir(workdir, "val"))
-  shutil.move(val, val + "_hidden")
+def _forbid_held_out(monkeypatch, workdir):
+  """Any read of the val or test split fails the test; the folders are also moved away."""
+  held_out = [str(layout.data_dir(workdir, split)) for split in ("val", "test")]
+  for folder in held_out:
+    shutil.move(folder, folder + "_hidden")
 
   def guard(fn):
     def guarded(directory, *args, **kwargs):
-      assert not str(directory).startswith(val), f"curation read the val split: {directory}"
+      assert not any(str(directory).startswith(f) for f in held_out), f"curation read a held-out split: {directory}"
       return fn(directory, *args, **kwargs)
     return guarded
 
   monkeypatch.setattr(records, "read_manifest", guard(records.read_manifest))
   monkeypatch.setattr(records, "PairSource", guard(records.PairSource))
-  return lambda: shutil.move(val + "_hidden", val)
+
+  def restore():
+    for folder in held_out:
+      shutil.move(folder + "_hidden", folder)
+  return restore
 
 
-def test_demo_curation_end_to_end_without_reading_val(demo, monkeypatch):
+def test_demo_curation_end_to_end_without_reading_val_or_test(demo, monkeypatch):
   config, workdir, pool_dir = demo
-  restore_val = _forbid_val(monkeypatch, workdir)
+  restore = _forbid_held_out(monkeypatch, workdir)
   try:
     manifest = curate.run(config, workdir)
   finally:
-    restore_val()
+    restore()
   out_dir = curate.curated_dir(config, workdir)
   assert out_dir.name == "diffusion_x0_curated"
   assert manifest == records.read_manifest(out_dir)
@@ -379,7 +452,7 @@ def test_fidelity_of_a_pair_with_one_labelled_pixel():
   mask = np.full((2, 2, 2), IGNORE)
   mask[:, 0, 0] = 3
   pred = np.array([[[3, 0], [0, 0]], [[1, 0], [0, 0]]])
-  np.testing.assert_array_equal(curate.label_fidelity(pred, mask, IGNORE), [1.0, 0.0])
+  np.testing.assert_array_equal(curate.label_fidelity(pred, mask, K), [1.0, 0.0])
 
 
 def test_class_weights_exact_values_and_the_rarity_fallback():

@@ -30,11 +30,12 @@ def _mesh():
 
 
 def _x0_denoiser(sched, prediction, x0_fn):
-  """Turn an x0 estimate x0_fn(x_t, abar_t) into the eps or x0 output a denoiser would give."""
+  """Turn an x0 estimate x0_fn(x_t, abar_t) into the eps, x0 or v output a denoiser would give."""
   def denoise(x, t):
     abar = schedule.extract(sched.alphas_cumprod, t, x.ndim)
     x0 = x0_fn(x, abar)
-    return x0 if prediction == "x0" else (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+    eps = (x - jnp.sqrt(abar) * x0) / jnp.sqrt(1.0 - abar)
+    return {"x0": x0, "eps": eps, "v": jnp.sqrt(abar) * eps - jnp.sqrt(1.0 - abar) * x0}[prediction]
   return denoise
 
 
@@ -160,7 +161,7 @@ def test_loss_is_zero_for_perfect_predictors_and_targets_x0_in_x0_mode():
   loss_eps, _ = loss(zero, None, prediction="eps")
   assert 0.8 < float(loss_eps) < 1.2  # target is unit Gaussian noise
   with pytest.raises(ValueError, match="prediction"):
-    schedule.diffusion_loss(zero, None, SCHED, x0, jax.random.key(1), prediction="v")
+    schedule.diffusion_loss(zero, None, SCHED, x0, jax.random.key(1), prediction="score")
 
 
 def test_loss_draws_every_timestep_uniformly_and_regresses_the_noise_by_default():
@@ -327,7 +328,7 @@ def test_conditional_sampling_jitted_with_sharded_batch():
 def test_samplers_reject_bad_arguments():
   denoise = _point_denoiser(SCHED, "eps", jnp.zeros((1, 2, 2, 1)))
   with pytest.raises(ValueError, match="prediction"):
-    sampling.sample_ddpm(denoise, SCHED, (1, 2, 2, 1), jax.random.key(0), prediction="v")
+    sampling.sample_ddpm(denoise, SCHED, (1, 2, 2, 1), jax.random.key(0), prediction="score")
   with pytest.raises(ValueError, match="eta"):
     sampling.sample_ddim(denoise, SCHED, (1, 2, 2, 1), jax.random.key(0), num_steps=5, eta=-1.0)
 
@@ -396,3 +397,110 @@ def test_ddim_defaults_to_the_deterministic_eta_0_and_allows_one_step():
   assert not np.allclose(run(num_steps=4), run(num_steps=4, eta=1.0))
   assert sampling.ddim_timesteps(1000, 1).tolist() == [999]
   assert run(num_steps=1).shape == (4, 4, 4, 1)
+
+
+# ---- v prediction, loss weighting, self-conditioning ----
+
+
+def test_v_target_and_its_x0_inversion_match_float64():
+  _, _, abar = _np_tables()
+  rng = np.random.default_rng(0)
+  x0, noise = rng.uniform(-1, 1, (5, 3)), rng.normal(size=(5, 3))
+  t = np.array([0, 10, 500, 900, 999])
+  a = abar[t][:, None]
+  v = np.sqrt(a) * noise - np.sqrt(1 - a) * x0  # Salimans & Ho 2022
+  xt = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+  tj = jnp.asarray(t, jnp.int32)
+  got_v = schedule.regression_target(SCHED, jnp.asarray(x0, jnp.float32), tj, jnp.asarray(noise, jnp.float32), "v")
+  np.testing.assert_allclose(got_v, v, atol=1e-5)
+  got_x0 = schedule.predict_x0(SCHED, jnp.asarray(v, jnp.float32), jnp.asarray(xt, jnp.float32), tj, "v")
+  np.testing.assert_allclose(got_x0, x0, atol=1e-5)
+  assert schedule.regression_target(SCHED, x0, tj, noise, "eps") is noise
+
+
+def test_min_snr_weights_against_their_formula():
+  _, _, abar = _np_tables()
+  t = np.array([0, 100, 300, 999])
+  snr = abar[t] / (1 - abar[t])
+  gamma = 5.0
+  want = {"x0": np.minimum(snr, gamma), "eps": np.minimum(snr, gamma) / snr, "v": np.minimum(snr, gamma) / (snr + 1)}
+  for prediction, expected in want.items():
+    got = schedule.loss_weights(SCHED, jnp.asarray(t), prediction, "min_snr", gamma)
+    np.testing.assert_allclose(got, expected, rtol=2e-4)
+    np.testing.assert_array_equal(schedule.loss_weights(SCHED, jnp.asarray(t), prediction, "uniform", gamma), 1.0)
+  assert want["x0"][0] == gamma and want["eps"][-1] == pytest.approx(1.0)  # caps low noise; eps keeps high noise
+
+
+def test_weighted_loss_scales_each_example_by_its_timestep_weight():
+  sched = schedule.linear_schedule(4)
+  x0 = jnp.full((4000, 1, 1, 1), 0.5)
+
+  def zero(params, x, t, *, train, rngs, cond):
+    return jnp.zeros_like(x)
+
+  uniform, _ = schedule.diffusion_loss(zero, None, sched, x0, jax.random.key(0), prediction="x0")
+  weighted, _ = schedule.diffusion_loss(zero, None, sched, x0, jax.random.key(0), prediction="x0",
+                                        weighting="min_snr", min_snr_gamma=0.5)
+  abar = np.asarray(sched.alphas_cumprod)
+  mean_weight = np.minimum(abar / (1 - abar), 0.5).mean()  # t uniform over 4 steps (same draws as above)
+  assert float(uniform) == pytest.approx(0.25, rel=1e-6)
+  assert float(weighted) == pytest.approx(0.25 * mean_weight, rel=0.05)
+  with pytest.raises(ValueError, match="weighting"):
+    schedule.diffusion_loss(zero, None, sched, x0, jax.random.key(0), weighting="snr")
+
+
+def test_self_conditioning_feeds_a_stopped_estimate_on_about_half_the_steps():
+  """One coin per batch: the trained pass gets zeros, or the model's own clipped x0 estimate without gradient."""
+  x0 = jnp.full((2, 2, 2, 1), 0.25)
+  calls = []
+
+  def model(estimate_gradient: bool):
+    def apply_fn(params, x, t, *, train, rngs, cond, self_cond):
+      calls.append((np.asarray(jax.lax.stop_gradient(x)), np.asarray(jax.lax.stop_gradient(self_cond))))
+      first_of_two = len(calls) == 1
+      scale = params if estimate_gradient or not first_of_two else jax.lax.stop_gradient(params)
+      return scale * x + self_cond
+    return apply_fn
+
+  def loss(apply_fn, params, key):
+    return schedule.diffusion_loss(apply_fn, params, SCHED, x0, key, prediction="x0", self_condition=True)[0]
+
+  used = 0
+  with jax.disable_jit():  # lax.cond runs only the branch the coin picks
+    for k in range(40):
+      calls.clear()
+      grad = jax.grad(functools.partial(loss, model(True)))(2.0, jax.random.key(k))
+      if len(calls) == 1:  # no estimate: self_cond is zeros
+        np.testing.assert_array_equal(calls[0][1], 0.0)
+        continue
+      used += 1
+      (x_est, zeros), (x_trained, given) = calls
+      np.testing.assert_array_equal(zeros, 0.0)  # the estimate pass itself sees zeros
+      np.testing.assert_allclose(given, np.clip(2.0 * x_est, -1, 1))  # then its clipped x0 is the input
+      calls.clear()
+      # Whether or not the estimate pass could carry a gradient, the loss's gradient is the same: it is stopped.
+      no_path = jax.grad(functools.partial(loss, model(False)))(2.0, jax.random.key(k))
+      assert float(grad) == pytest.approx(float(no_path), rel=1e-6)
+  assert 10 <= used <= 30, used  # about half of 40 coins
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_samplers_pass_the_previous_x0_estimate_when_self_conditioning(sampler):
+  sched = schedule.linear_schedule(6)
+  log = []
+
+  def denoise(x, t, x0_prev):
+    log.append(x0_prev)
+    return jnp.full_like(x, 0.5) + 0.0 * x0_prev  # x0 prediction: always 0.5
+
+  run = {"ddpm": lambda: sampling.sample_ddpm(denoise, sched, (2, 1), jax.random.key(0), prediction="x0",
+                                              self_condition=True),
+         "ddim": lambda: sampling.sample_ddim(denoise, sched, (2, 1), jax.random.key(0), num_steps=6,
+                                              prediction="x0", self_condition=True)}[sampler]
+  with jax.disable_jit():
+    out = run()
+  np.testing.assert_array_equal(log[0], 0.0)  # first step: zeros
+  for previous in log[1:]:
+    np.testing.assert_allclose(previous, 0.5)  # then the last step's estimate
+  assert len(log) == 6
+  np.testing.assert_allclose(out, 0.5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""--mode=evaluate: every val example counted once (padding never), standard JSON, report PNG, table."""
+"""--mode=evaluate: every test and val example counted once (padding never), standard JSON, report PNG, table."""
 
 import json
 import math
@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from conftest import load_config
-from satsynth_jax import checkpoint, evaluate, report, segmenter, workdir as layout
+from satsynth_jax import checkpoint, evaluate, identity, report, segmenter, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import segmentation
 from test_train_segmentation import random_variables
@@ -20,14 +20,15 @@ from test_train_segmentation import random_variables
 DEMO_NAMES = load_config("demo").data.class_names
 # The demo has no background class; naming class 0 so exercises the scores without it.
 NAMES = ("background", *DEMO_NAMES[1:])
-# 2 val scenes of 32 px -> 8 patches of 16 px: one batch of 12 holds them and 4 padding rows.
+# 2 val scenes of 32 px -> 8 patches of 16 px: one batch of 12 holds them and 4 padding rows; 4 test
+# scenes -> 16 patches: two batches, the second with 8 padding rows.
 TINY = {
     "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
     "data.class_names": NAMES, "data.background_index": 0, "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
     "segmentation.eval_batch_size": 12,
 }
 SIZE = 16
-NUM_VAL = 8
+NUM_EXAMPLES = {"val": 8, "test": 16}
 STEP = 5
 
 
@@ -42,7 +43,9 @@ def evaluated(tmp_path_factory):
     patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, SIZE, 0))
     state = segmentation.init_state(segmenter.build(config, "unet"), SIZE, config.segmentation.train,
                                     jax.random.key(0))
-  mngr = checkpoint.manager(layout.checkpoint_dir(workdir, run.name))
+  directory = layout.checkpoint_dir(workdir, run.name)
+  identity.record(directory, config, segmenter.shaping(config, run, None, workdir))  # as training records it
+  mngr = checkpoint.manager(directory)
   checkpoint.save(mngr, STEP, state)
   mngr.wait_until_finished()
   scores = evaluate.run(config, workdir)
@@ -61,20 +64,40 @@ def test_json_holds_the_run_and_standard_scores(evaluated):
   assert {k: summary[k] for k in keys} == {"run": "unet_r0_s0", "architecture": "unet", "synthetic_ratio": 0,
                                             "seed": 0, "checkpoint_step": STEP, "background_index": 0}
   assert summary["class_names"] == list(NAMES)
-  assert {"miou", "mf1", "miou_no_background", "mf1_no_background", "pixel_accuracy"} <= summary["scores"].keys()
-  for name in NAMES:
-    for metric in ("iou", "f1"):
-      value = scores[f"{metric}/{name}"]
-      assert summary["scores"][f"{metric}/{name}"] == (None if math.isnan(value) else value)
+  # The settings the run recorded: a score is never read under other settings (experiment, summary).
+  assert summary["settings"] == identity.read(layout.checkpoint_dir(workdir, "unet_r0_s0"))["shaping"]
+  assert summary["settings"]["segmentation.base_width"] == config.segmentation.base_width
+  assert list(summary["splits"]) == ["test", "val"]
+  for split, split_scores in scores.items():
+    saved = summary["splits"][split]["scores"]
+    assert {"miou", "mf1", "miou_no_background", "mf1_no_background", "pixel_accuracy"} <= saved.keys()
+    for name in NAMES:
+      for metric in ("iou", "f1"):
+        value = split_scores[f"{metric}/{name}"]
+        assert saved[f"{metric}/{name}"] == (None if math.isnan(value) else value)
+  assert scores["test"]["miou"] != scores["val"]["miou"]  # two splits, scored apart
 
 
-def test_every_val_example_counts_once_and_padding_never(evaluated):
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_every_held_out_example_counts_once_and_padding_never(evaluated, split):
   _, workdir, _ = evaluated
-  summary = json.load(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")))
-  manifest = records.read_manifest(os.path.join(workdir, "data", "val"))
-  assert manifest["num_examples"] == NUM_VAL and summary["num_examples"] == NUM_VAL
-  # Patches are at model size, so the matrix holds exactly the labelled val pixels.
+  summary = json.load(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")))["splits"][split]
+  manifest = records.read_manifest(os.path.join(workdir, "data", split))
+  assert manifest["num_examples"] == NUM_EXAMPLES[split] and summary["num_examples"] == NUM_EXAMPLES[split]
+  # Patches are at model size, so the matrix holds exactly the labelled pixels of the split.
   assert np.asarray(summary["confusion_matrix"]).sum() == sum(manifest["class_pixels"])
+
+
+def test_a_score_under_other_settings_is_refused_and_a_stale_one_is_not_current(evaluated):
+  config, workdir, _ = evaluated
+  run = segmenter.Run.from_config(config)
+  assert evaluate.is_current(workdir, run, STEP)
+  assert not evaluate.is_current(workdir, run, STEP + 1)  # a newer checkpoint: score again
+  other = config.copy_and_resolve_references()
+  other.data.image_size = 8
+  with pytest.raises(identity.SettingsMismatchError, match=r"input_size: 16 -> 8"):
+    evaluate.run(other, workdir)  # evaluated at another size than trained: refused, nothing written
+  assert evaluate.is_current(workdir, run, STEP)
 
 
 def test_report_png_is_written(evaluated):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import statistics
 
@@ -17,15 +18,31 @@ SHRUNK = {
     "sample.per_real": 1, "sample.ddim_steps": 5, "sample.batch_size": 8, "sample.examples_per_shard": 8,
     "segmentation.architecture": "unet", "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 4,
     "segmentation.train.warmup_steps": 1, "segmentation.train.log_every": 2,
-    "segmentation.train.checkpoint_every": 4, "segmentation.eval_batch_size": 8, "experiment.seeds": 2,
+    "segmentation.train.checkpoint_every": 4, "segmentation.eval_batch_size": 8, "segmentation.eval_every": 1,
+    "experiment.seeds": 2,
     # A 4-step scorer disagrees with most generated pixels: keep every pair, so curation always has enough.
     "curation.min_fidelity": 0.0,
 }
 ARMS = {"D": ("unet_r0_s0", "unet_r0_s1"),  # the demo generator predicts x0
-        "D u D' (diffusion_x0)": ("unet_r1_diffusion_x0_s0", "unet_r1_diffusion_x0_s1"),
-        "D u D' (diffusion_x0_curated)": ("unet_r1_diffusion_x0_curated_s0", "unet_r1_diffusion_x0_curated_s1")}
+        "D u D' (`diffusion_x0`)": ("unet_r1_diffusion_x0_s0", "unet_r1_diffusion_x0_s1"),
+        "D u D'_curated (`diffusion_x0_curated`)": ("unet_r1_diffusion_x0_curated_s0", "unet_r1_diffusion_x0_curated_s1")}
 RUNS = tuple(run for runs in ARMS.values() for run in runs)
 STAGES = 5 + 2 + 2 * len(RUNS)  # prepare .. evaluate_samples, curate + its scores, train + evaluate per run
+
+
+def tables(summary: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
+  """The comparison table under each split heading: (header cells, {arm label: row cells})."""
+  out, split = {}, None
+  for line in summary.splitlines():
+    if line.startswith("## "):
+      heading = re.match(r"## (Test|Val) split", line)
+      split = heading and heading.group(1).lower()
+    elif split and line.startswith("| train on"):
+      out[split] = ([cell.strip() for cell in line.strip().strip("|").split("|")], {})
+    elif split in out and line.startswith("| D"):
+      cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+      out[split][1][cells[0]] = cells
+  return out
 
 
 def _experiment(workdir) -> str:
@@ -43,35 +60,53 @@ def test_experiment_runs_every_stage_and_writes_the_table_from_the_eval_jsons(fi
   stages = [line for line in out.splitlines() if line.startswith("[experiment ") and line.endswith(": running")]
   assert len(stages) == STAGES, out
   summary = (workdir / "report" / "summary.md").read_text()
-  rows = {line.split(" | ")[0].lstrip("| "): line for line in summary.splitlines() if line.startswith("| D")}
-  assert set(rows) == set(ARMS)
-  # Every score column: mean ± standard error over the seeds, recomputed from the eval JSONs.
-  header = next(line for line in summary.splitlines() if line.startswith("| train on"))
-  header = [cell.strip() for cell in header.strip("|").split("|")]
+  by_split = tables(summary)
+  assert list(by_split) == ["test", "val"]  # the claim's split first, each under a heading naming it
+  assert "## Test split: 16 patches from 4 scenes (claims are made here; no setting was ever chosen on it)" in summary
+  assert "## Val split: 8 patches from 2 scenes (settings (budgets, generator levers) were chosen here)" in summary
   keys = {"mIoU": "miou", "mF1": "mf1", **{f"IoU {n}": f"iou/{n}" for n in load_config("demo").data.class_names}}
-  assert header[:3] == ["train on", "R", "seeds"] and set(header[3:]) == set(keys), header
-  for label, runs in ARMS.items():
-    scores = [json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["scores"] for run in runs]
-    cells = [cell.strip() for cell in rows[label].strip().strip("|").split("|")]
-    assert cells[1] == ("0" if label == "D" else "1") and cells[2] == "2"
-    for column, cell in zip(header[3:], cells[3:]):
-      values = [s[keys[column]] for s in scores if s.get(keys[column]) is not None]  # null: class absent
-      if len(values) < 2:
-        assert cell == (f"{100 * values[0]:.2f}" if values else "n/a"), (label, column, cell)
-        continue
-      mean = statistics.mean(values)
-      stderr = statistics.stdev(values) / math.sqrt(len(values))
-      assert cell == f"{100 * mean:.2f} ± {100 * stderr:.2f}", (label, column, cell, values)
+  for split, (header, rows) in by_split.items():
+    assert set(rows) == set(ARMS)
+    assert header[:5] == ["train on", "R", "seeds", "mIoU", "mIoU vs D"] and set(header[5:]) == set(keys) - {"mIoU"}
+    evals = {label: [json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["splits"][split]["scores"]
+                     for run in runs] for label, runs in ARMS.items()}
+    # Every score column: mean ± standard error over the seeds, recomputed from the eval JSONs.
+    for label, scores in evals.items():
+      cells = rows[label]
+      assert cells[1] == ("0" if label == "D" else "1") and cells[2] == "2"
+      for column, cell in zip(header, cells):
+        if column not in keys:
+          continue
+        values = [s[keys[column]] for s in scores if s.get(keys[column]) is not None]  # null: class absent
+        if len(values) < 2:
+          assert cell == (f"{100 * values[0]:.2f}" if values else "n/a"), (label, column, cell)
+          continue
+        mean = statistics.mean(values)
+        stderr = statistics.stdev(values) / math.sqrt(len(values))
+        assert cell == f"{100 * mean:.2f} ± {100 * stderr:.2f}", (label, column, cell, values)
+      if label != "D":  # the difference to D and its standard error (independent seeds)
+        mine, base = [s["miou"] for s in scores], [s["miou"] for s in evals["D"]]
+        diff = statistics.mean(mine) - statistics.mean(base)
+        se = math.sqrt(statistics.variance(mine) / 2 + statistics.variance(base) / 2)
+        assert cells[4].startswith(f"{100 * diff:+.2f} ± {100 * se:.2f}"), (label, cells[4])
   curated = json.loads((workdir / "synthetic" / "diffusion_x0_curated" / "manifest.json").read_text())
   assert curated["num_examples"] == json.loads((workdir / "data" / "train" / "manifest.json").read_text())["num_examples"]
   assert curated["pool_size"] == 2 * curated["num_examples"]
   assert "mIoU w/o bg" not in summary  # the demo has no background class
   assert "| `diffusion_x0` |" in summary and "| `diffusion_x0_curated` |" in summary and "metric_encoder@4:" in summary
   assert "Other segmenter runs" not in summary
+  assert "## Convergence" in summary and "Every arm trains for the same 4 steps" in summary
+  # D's mean val curve, and its change over the last fifth (steps 3-4), from the logs
+  val = {run: {r["step"]: r["val_miou"] for r in map(json.loads, (workdir / "metrics" / f"{run}.jsonl").read_text()
+                                                       .splitlines()) if "val_miou" in r} for run in ARMS["D"]}
+  change = statistics.mean(v[4] for v in val.values()) - statistics.mean(v[3] for v in val.values())
+  assert f"changed by {100 * change:+.2f} points over the last fifth of training (steps 3-4)" in summary
+  assert (workdir / "report" / "val_curves.png").exists()
   assert "Stage times" in summary and "train_diffusion" in summary
   for png in ("report/eval_unet_r0_s0.png", f"report/eval_{RUNS[3]}.png", "samples/synthetic_grid.png",
               "report/training_curves_generator.png", "report/training_curves_segmenters.png",
-              "report/class_frequency_real_vs_synthetic.png", "report/prepare_train.png"):
+              "report/class_frequency_real_vs_synthetic.png", "report/prepare_train.png", "report/prepare_test.png",
+              "report/class_frequency_diffusion_x0.png"):
     assert (workdir / png).exists(), png
 
 
@@ -94,7 +129,8 @@ def test_an_interrupted_experiment_reruns_only_its_missing_and_stale_stages(fini
   (workdir / "metrics" / f"eval_{lost}.json").unlink()
   stale_path = workdir / "metrics" / f"eval_{stale}.json"
   row = json.loads(stale_path.read_text())
-  stale_path.write_text(json.dumps({**row, "checkpoint_step": 2, "scores": {**row["scores"], "miou": 0.0}}))
+  row["splits"]["test"]["scores"]["miou"] = 0.0
+  stale_path.write_text(json.dumps({**row, "checkpoint_step": 2}))
   kept = {path: path.stat().st_mtime_ns for pattern in ("metrics/eval_*.json", "checkpoints/*/*/_CHECKPOINT_METADATA",
                                                          "synthetic/*/manifest.json", "data/*/manifest.json")
           for path in workdir.glob(pattern) if path != stale_path}
@@ -109,9 +145,9 @@ def test_an_interrupted_experiment_reruns_only_its_missing_and_stale_stages(fini
   for run in (lost, stale):
     assert json.loads((workdir / "metrics" / f"eval_{run}.json").read_text())["checkpoint_step"] == 4
   def table(text):  # the comparison rows: stage times change with the rerun, scores must not
-    return [line for line in text.splitlines() if line.startswith("| D")]
+    return tables(text)
 
-  assert table((workdir / "report" / "summary.md").read_text()) == table(summary) != []
+  assert table((workdir / "report" / "summary.md").read_text()) == table(summary) != {}
 
 
 def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmenter_to_it(tmp_path):
@@ -124,5 +160,5 @@ def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmen
   config.segmentation.image_size = 64
   config_check.validate(config, mode="experiment")
   names = [stage.name for stage in experiment.stages(config, tmp_path)]
-  assert names[:4] == ["prepare", "train_diffusion", "train_sr", "sample"]
+  assert names[:5] == ["prepare", "train_diffusion", "train_sr", "train_metric_encoder", "sample D'"]
   assert "train_segmentation fpn_r2_diffusion_x0_cascade_s0" in names

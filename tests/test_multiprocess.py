@@ -10,6 +10,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -121,6 +122,7 @@ def one_process(two_processes, tmp_path_factory):
   """A single-process run of the same loop (4 devices) fed the pair's global batches: its workdir."""
   config, multi, _ = two_processes
   single = str(tmp_path_factory.mktemp("one_process"))
+  shutil.copytree(os.path.join(multi, "data"), os.path.join(single, "data"))  # G's identity names its data
   mesh = parallel.make_mesh()
   assert mesh.size == 2 * NUM_PROCESSES
   batches = _global_batches(config, os.path.join(multi, "data", "train"), config.diffusion.train.num_steps)

@@ -100,7 +100,7 @@ def test_training_on_two_processes_equals_one_process_on_the_same_global_batches
   mp_launch.assert_states_match(two, one, ("params", "batch_stats", "opt_state"))
 
 
-def test_evaluate_on_two_processes_counts_each_val_example_once_and_matches_one_process(checkpointed, tmp_path):
+def test_evaluate_on_two_processes_counts_each_held_out_example_once_and_matches_one_process(checkpointed, tmp_path):
   prepared, logs = checkpointed
   workdir = tmp_path / "w"
   shutil.copytree(prepared, workdir)
@@ -108,10 +108,11 @@ def test_evaluate_on_two_processes_counts_each_val_example_once_and_matches_one_
   two = json.loads((workdir / "metrics" / f"eval_{RUN}.json").read_text())
   one = evaluate.evaluate_run(_config(), str(workdir), segmenter.Run.from_config(_config()))  # rewrites the JSON
   again = json.loads((workdir / "metrics" / f"eval_{RUN}.json").read_text())
-  assert two["num_examples"] == again["num_examples"] == 8  # the 8 val patches, none twice, no padding
-  assert two["confusion_matrix"] == again["confusion_matrix"]
+  for split, count in (("val", 8), ("test", 16)):  # every held-out patch, none twice, no padding
+    assert two["splits"][split]["num_examples"] == again["splits"][split]["num_examples"] == count
+    assert two["splits"][split]["confusion_matrix"] == again["splits"][split]["confusion_matrix"]
+    assert two["splits"][split]["scores"]["miou"] == pytest.approx(one[split]["miou"], abs=1e-12)
   assert two["checkpoint_step"] == 4
-  assert two["scores"]["miou"] == pytest.approx(one["miou"], abs=1e-12)
   assert (workdir / "report" / f"eval_{RUN}.png").exists()
 
 

@@ -65,63 +65,83 @@ def test_tiles_exact_multiples_without_overlap_and_aligns_the_ragged_edge():
 
 def test_isaid_layout_to_records(tmp_path, capsys):
   src = tmp_path / "isaid"
-  expected = write_isaid(src, {"train": {"P0001": (40, 50), "P0002": (16, 16)}, "val": {"P0003": (20, 17)}})
+  expected = write_isaid(src, {"train": {"P0001": (40, 50), "P0002": (16, 16), "P0004": (16, 16)},
+                               "val": {"P0003": (20, 17)}})
   config = load_config("isaid", **{"data.source_dir": str(src), "data.patch_size": 16,
-                                   "data.examples_per_shard": 5})
+                                   "data.examples_per_shard": 5, "data.val_fraction": 0.3})
   manifests = prepare.run(config, tmp_path / "work")
   train = assert_records_match(tmp_path / "work/data/train", expected, 16)
   ids = [pair["id"] for pair in train]
-  assert ids == [f"P0001_y{y}_x{x}" for y in (0, 16, 24) for x in (0, 16, 32, 34)] + ["P0002_y0_x0"]
+  # iSAID's test labels are not public: its val split is the test split, val is held out of train.
+  held_out = manifests["val"]["scenes"]
+  assert len(held_out) == 1 and held_out[0] in ("P0001", "P0002", "P0004")
+  assert sorted(manifests["train"]["scenes"] + held_out) == ["P0001", "P0002", "P0004"]
+  assert manifests["test"]["scenes"] == ["P0003"]
+  p1 = [f"P0001_y{y}_x{x}" for y in (0, 16, 24) for x in (0, 16, 32, 34)]
+  assert ids == [i for scene in manifests["train"]["scenes"] for i in (p1 if scene == "P0001" else [f"{scene}_y0_x0"])]
   assert {pair["source"] for pair in train} == {"isaid"} and train[0]["num_classes"] == 16
   manifest = manifests["train"]
-  assert [shard["count"] for shard in manifest["shards"]] == [5, 5, 3]
+  assert sum(shard["count"] for shard in manifest["shards"]) == len(train)
+  assert all(shard["count"] <= 5 for shard in manifest["shards"])
   assert manifest["patch_size"] == 16 and manifest["patch_stride"] == 16
-  assert manifest["scenes"] == ["P0001", "P0002"] and manifest["val_holdout"] is None
+  notes = manifest["split_notes"]
+  assert notes[0].startswith("test: the download's val split") and notes[1].startswith("val: 1 of 3 train scenes")
   counts = np.bincount(np.concatenate([p["mask"].ravel() for p in train]), minlength=16)
   assert manifest["class_pixels"] == counts.tolist()
-  assert [p["id"] for p in assert_records_match(tmp_path / "work/data/val", expected, 16)] == [
+  assert [p["id"] for p in assert_records_match(tmp_path / "work/data/test", expected, 16)] == [
       "P0003_y0_x0", "P0003_y0_x1", "P0003_y4_x0", "P0003_y4_x1"]
-  for name in ("prepare_train", "prepare_val", "class_frequency_train", "class_frequency_val"):
-    assert Image.open(tmp_path / f"work/report/{name}.png").size[0] > 300
+  assert_records_match(tmp_path / "work/data/val", expected, 16)
+  for split in ("train", "val", "test"):
+    for name in (f"prepare_{split}", f"class_frequency_{split}"):
+      assert Image.open(tmp_path / f"work/report/{name}.png").size[0] > 300
   out = capsys.readouterr().out
-  assert "train: 2 scenes -> 13 patches in 3 shards (written)" in out
-  assert "val: 1 scene -> 4 patches in 1 shard (written)" in out
+  assert f"train: 2 scenes -> {len(train)} patches in {len(manifest['shards'])} shards (written)" in out
+  assert "test: 1 scene -> 4 patches in 1 shard (written)" in out
+  assert "test: the download's val split (its test labels are not public)" in out
 
 
-def test_full_loveda_layout_keeps_official_splits(tmp_path):
-  parts = {("Train", "Urban"): ["1400"], ("Train", "Rural"): ["7"], ("Val", "Urban"): ["2600"],
+def test_full_loveda_layout_reports_on_its_official_val_split(tmp_path):
+  parts = {("Train", "Urban"): ["1400", "1401"], ("Train", "Rural"): ["7"], ("Val", "Urban"): ["2600"],
            ("Val", "Rural"): ["3900"]}
   expected = write_loveda(tmp_path / "loveda", parts)
-  config = load_config("loveda", **{"data.source_dir": str(tmp_path / "loveda"), "data.patch_size": 16})
+  config = load_config("loveda", **{"data.source_dir": str(tmp_path / "loveda"), "data.patch_size": 16,
+                                    "data.val_fraction": 0.3})
   manifests = prepare.run(config, tmp_path / "work")
-  assert manifests["train"]["scenes"] == ["urban_1400", "rural_7"]
-  assert manifests["val"]["scenes"] == ["urban_2600", "rural_3900"]
-  assert manifests["train"]["missing"] == [] and manifests["val"]["val_holdout"] is None
-  pairs = assert_records_match(tmp_path / "work/data/val", expected, 16)
+  assert sorted(manifests["train"]["scenes"] + manifests["val"]["scenes"]) == ["rural_7", "urban_1400", "urban_1401"]
+  assert len(manifests["val"]["scenes"]) == 1  # 0.3 x 3 train scenes, whole scenes
+  assert manifests["test"]["scenes"] == ["urban_2600", "rural_3900"]  # LoveDA Val: the reporting split
+  assert manifests["train"]["missing"] == []
+  pairs = assert_records_match(tmp_path / "work/data/test", expected, 16)
   assert len(pairs) == 2 * 2 * 3  # 32 x 40 px tiles -> 2 x 3 patches each
 
 
-def test_partial_loveda_converts_what_is_there_and_holds_out_val(tmp_path, capsys):
-  ids = [str(i) for i in range(5)]
+def test_partial_loveda_converts_what_is_there_and_holds_out_val_and_test(tmp_path, capsys):
+  ids = [str(i) for i in range(6)]
   expected = write_loveda(tmp_path / "loveda", {("Train", "Rural"): ids}, size=(16, 16))
-  overrides = {"data.source_dir": str(tmp_path / "loveda"), "data.patch_size": 16, "data.val_fraction": 0.2}
+  overrides = {"data.source_dir": str(tmp_path / "loveda"), "data.patch_size": 16, "data.val_fraction": 0.2,
+               "data.test_fraction": 0.3}
   manifests = prepare.run(load_config("loveda", **overrides), tmp_path / "work")
   out = capsys.readouterr().out
   for part in ("Train/Urban", "Val/Urban", "Val/Rural"):
     assert f"LoveDA {part}" in out and f"LoveDA {part}" in manifests["train"]["missing"]
-  assert "held out 1 of 5 train scenes as val" in out
-  val_scenes = manifests["val"]["scenes"]
-  assert len(val_scenes) == 1 and sorted(manifests["train"]["scenes"] + val_scenes) == sorted(expected)
+  assert "test: 2 of 6 train scenes held out" in out and "val: 1 of 4 train scenes held out" in out
+  val, test = manifests["val"]["scenes"], manifests["test"]["scenes"]
+  assert len(val) == 1 and len(test) == 2 and not set(val) & set(test)
+  assert sorted(manifests["train"]["scenes"] + val + test) == sorted(expected)
   assert_records_match(tmp_path / "work/data/val", expected, 16)
+  assert_records_match(tmp_path / "work/data/test", expected, 16)
   again = prepare.run(load_config("loveda", **overrides), tmp_path / "other")
-  assert again["val"]["scenes"] == val_scenes  # the hold-out is deterministic
+  assert (again["val"]["scenes"], again["test"]["scenes"]) == (val, test)  # deterministic in data.split_seed
+  other = prepare.run(load_config("loveda", **overrides, **{"data.split_seed": 5}), tmp_path / "third")
+  assert (other["val"]["scenes"], other["test"]["scenes"]) != (val, test)
 
 
 def test_openearthmap_layout_to_records(tmp_path):
   expected = write_openearthmap(tmp_path / "oem", {"train": ["aachen_1.tif", "kyoto_4.tif"], "val": ["kyoto_9.tif"]})
   config = load_config("openearthmap", **{"data.source_dir": str(tmp_path / "oem"), "data.patch_size": 16})
   manifests = prepare.run(config, tmp_path / "work")
-  assert manifests["train"]["num_examples"] == 8 and manifests["val"]["num_examples"] == 4
+  assert manifests["train"]["num_examples"] == 4 and manifests["val"]["num_examples"] == 4  # one train tile held out
+  assert manifests["test"]["num_examples"] == 4 and manifests["test"]["scenes"] == ["kyoto_9"]
   pairs = assert_records_match(tmp_path / "work/data/train", expected, 16)
   assert 255 in np.concatenate([p["mask"].ravel() for p in pairs])  # raw 0 "unknown" is no-data
   assert sum(manifests["train"]["class_pixels"]) == np.count_nonzero(
@@ -139,58 +159,62 @@ def test_folder_rgb_masks_with_flat_layout(tmp_path):
     expected[stem] = image, classes
   config = load_config("default", **{"data.source_dir": str(tmp_path / "src"), "data.mask_format": "rgb",
                                      "data.num_classes": 3, "data.class_names": ("a", "b", "c"),
-                                     "data.palette": palette, "data.patch_size": 12, "data.val_fraction": 0.3})
+                                     "data.palette": palette, "data.patch_size": 12, "data.val_fraction": 0.3,
+                                     "data.test_fraction": 0.3})
   manifests = prepare.run(config, tmp_path / "work")
-  assert manifests["train"]["num_scenes"] == 2 and manifests["val"]["num_scenes"] == 1
-  for split in ("train", "val"):
+  assert [manifests[split]["num_scenes"] for split in ("train", "val", "test")] == [1, 1, 1]
+  for split in ("train", "val", "test"):
     assert_records_match(tmp_path / f"work/data/{split}", expected, 12)
 
 
 def test_rerun_skips_finished_splits_and_rebuilds_an_interrupted_one(tmp_path, capsys):
-  write_isaid(tmp_path / "src", {"train": {"P1": (16, 32)}, "val": {"P2": (16, 16)}})
+  write_isaid(tmp_path / "src", {"train": {"P1": (16, 32), "P3": (16, 16)}, "val": {"P2": (16, 16)}})
   config = load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16})
   work = tmp_path / "work"
-  prepare.run(config, work)
+  first = prepare.run(config, work)
   shard = work / "data/train" / records.shard_filename(0)
   before = shard.stat().st_mtime_ns
-  (work / "data/val" / records.MANIFEST).unlink()  # as if the val write had been interrupted
+  (work / "data/test" / records.MANIFEST).unlink()  # as if the test write had been interrupted
   capsys.readouterr()
   manifests = prepare.run(config, work)
   out = capsys.readouterr().out
   assert shard.stat().st_mtime_ns == before
-  assert "train: 1 scene -> 2 patches in 1 shard (already prepared, skipped)" in out
-  assert "val: 1 scene -> 1 patch in 1 shard (written)" in out
-  assert manifests["val"]["num_examples"] == 1 and len(read_split(work / "data/val")) == 1
+  train = first["train"]
+  assert f"train: 1 scene -> {train['num_examples']} patch" in out and "(already prepared, skipped)" in out
+  assert "test: 1 scene -> 1 patch in 1 shard (written)" in out
+  assert manifests["test"]["num_examples"] == 1 and len(read_split(work / "data/test")) == 1
 
 
 def test_patch_larger_than_every_scene_is_refused_before_anything_is_written(tmp_path):
-  write_isaid(tmp_path / "src", {"train": {"P1": (40, 50), "P2": (30, 60)}, "val": {"P3": (20, 17)}})
+  write_isaid(tmp_path / "src", {"train": {"P1": (40, 50), "P2": (30, 60), "P4": (40, 40)}, "val": {"P3": (20, 17)}})
   work = tmp_path / "work"
 
   def config(patch_size: int):
-    return load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": patch_size})
+    return load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": patch_size,
+                                   "data.val_fraction": 0.3})
 
-  with pytest.raises(prepare.PrepareError, match=r"^the train split would hold no patch: data\.patch_size=64 "
-                     r"fits in none of its 2 scene\(s\) \(the largest, P1, is 50x40 px\); .*at most 40$"):
+  with pytest.raises(prepare.PrepareError, match=r"^the (train|val) split would hold no patch: data\.patch_size=64 "
+                     r"fits in none of its \d scene\(s\) .*; .*at most 40$"):
     prepare.run(config(64), work)
-  # Train would get patches but val would not: still refused before train is written.
-  with pytest.raises(prepare.PrepareError, match=r"the val split would hold no patch: .*P3, is 17x20 px"):
+  # Train would get patches but test (iSAID's val) would not: still refused before train is written.
+  with pytest.raises(prepare.PrepareError, match=r"the test split would hold no patch: .*P3, is 17x20 px"):
     prepare.run(config(32), work)
   assert not (work / "data").exists() and not (work / "report").exists()
   manifests = prepare.run(config(16), work)
-  assert manifests["train"]["num_examples"] > 0 and manifests["val"]["num_examples"] == 4
+  assert manifests["train"]["num_examples"] > 0 and manifests["test"]["num_examples"] == 4
 
 
 def test_rerun_with_other_settings_is_refused_naming_each_key(tmp_path, capsys):
-  write_isaid(tmp_path / "src", {"train": {"P1": (32, 32)}, "val": {"P2": (32, 32)}})
+  write_isaid(tmp_path / "src", {"train": {"P1": (32, 32), "P3": (32, 32)}, "val": {"P2": (32, 32)}})
   overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16}
   work = tmp_path / "work"
   manifests = prepare.run(load_config("isaid", **overrides), work)
   settings = manifests["train"]["settings"]
-  assert settings["data.format"] == "isaid" and settings["data.source_dir"] == str(tmp_path / "src")
+  assert settings["data.format"] == "isaid" and settings["data.source_dir"] == str((tmp_path / "src").resolve())
   assert (settings["data.patch_size"], settings["data.patch_stride"], settings["data.num_classes"]) == (16, 16, 16)
   assert settings["data.palette"][1] == [0, 0, 63] and settings["data.mask_format"] == "rgb"
-  assert "seed" not in settings and "data.val_fraction" not in settings  # official val split: unused
+  assert "seed" not in settings  # the split roles depend on data.split_seed, not on the run's seed
+  assert (settings["data.val_fraction"], settings["data.test_fraction"], settings["data.split_seed"]) == (0.1, 0.1, 0)
   shard = work / "data/train" / records.shard_filename(0)
   before = shard.stat().st_mtime_ns
   with pytest.raises(prepare.PrepareError) as error:
@@ -205,22 +229,25 @@ def test_rerun_with_other_settings_is_refused_naming_each_key(tmp_path, capsys):
   assert "(already prepared, skipped)" in capsys.readouterr().out
 
 
-def test_held_out_val_records_its_fraction_and_seed(tmp_path):
+def test_held_out_splits_record_their_fractions_and_seed(tmp_path):
   write_loveda(tmp_path / "src", {("Train", "Rural"): ["1", "2", "3"]}, size=(16, 16))
-  overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16, "data.val_fraction": 0.3}
+  overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16, "data.val_fraction": 0.3,
+               "data.test_fraction": 0.3}
   prepare.run(load_config("loveda", **overrides), tmp_path / "work")
-  with pytest.raises(prepare.PrepareError, match=r"seed 0 -> 1"):
-    prepare.run(load_config("loveda", **overrides, seed=1), tmp_path / "work")
+  with pytest.raises(prepare.PrepareError, match=r"data\.split_seed 0 -> 1"):
+    prepare.run(load_config("loveda", **overrides, **{"data.split_seed": 1}), tmp_path / "work")
+  with pytest.raises(prepare.PrepareError, match=r"data\.test_fraction 0\.3 -> 0\.4"):
+    prepare.run(load_config("loveda", **{**overrides, "data.test_fraction": 0.4}), tmp_path / "work")
+  prepare.run(load_config("loveda", **overrides, seed=1), tmp_path / "work")  # the run's seed: the same data
 
 
 def test_bad_sources_fail_naming_the_file(tmp_path):
-  write_loveda(tmp_path / "src", {("Train", "Rural"): ["1", "2"]}, size=(16, 16))
+  write_loveda(tmp_path / "src", {("Train", "Rural"): ["1", "2", "3"]}, size=(16, 16))
   save(tmp_path / "src/Train/Rural/masks_png/2.png", np.full((16, 16), 8, np.uint8))
-  config = load_config("loveda", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16,
-                                    "data.val_fraction": 0.0})  # both scenes stay in train
+  config = load_config("loveda", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16})
   with pytest.raises(SourceError, match=r"masks_png/2\.png: raw mask values .*8: 256 px"):
     prepare.run(config, tmp_path / "work")
-  assert not (tmp_path / "work/data/train" / records.MANIFEST).exists()  # nothing half-written passes as done
+  assert not prepare.prepared(config, tmp_path / "work")  # nothing half-written passes as done
 
 
 def test_empty_download_and_ignore_index_clash_are_refused(tmp_path):
@@ -235,10 +262,11 @@ def test_real_loveda_maps_raw_labels(shared_data, tmp_path, capsys):
   src = shared_data / "loveda"
   config = load_config("loveda", **{"data.source_dir": str(src), "data.patch_size": 512})
   manifests = prepare.run(config, tmp_path)
-  assert manifests["train"]["num_scenes"] + manifests["val"]["num_scenes"] == 10
+  assert sum(manifests[split]["num_scenes"] for split in ("train", "val", "test")) == 10
+  assert manifests["val"]["num_scenes"] == 1 and manifests["test"]["num_scenes"] == 1  # 0.1 of the ten tiles each
   assert "LoveDA Val/Rural" in capsys.readouterr().out
   seen = set()
-  for split in ("train", "val"):
+  for split in ("train", "val", "test"):
     raw_masks = {}
     for pair in read_split(tmp_path / "data" / split):
       scene, y, x = ID.fullmatch(pair["id"]).group("scene", "y", "x")
@@ -261,15 +289,28 @@ def test_real_loveda_maps_raw_labels(shared_data, tmp_path, capsys):
 
 def test_real_isaid_colours_become_classes(shared_data, tmp_path):
   src = shared_data / "isaid"
-  config = load_config("isaid", **{"data.source_dir": str(src), "data.patch_size": 512})
-  manifests = prepare.run(config, tmp_path)
-  assert manifests["train"]["scenes"] == ["P0005"] and manifests["val"]["scenes"] == ["P0003", "P0004"]
+  # The shared sample has one train scene, too few to hold val out of: refused in one line.
+  with pytest.raises(prepare.PrepareError, match=r"the val split would hold no scene: 1 train scene"):
+    prepare.run(load_config("isaid", **{"data.source_dir": str(src), "data.patch_size": 512}), tmp_path / "refused")
+  # Linked (never copied: licence) into a layout with two train scenes: P0005 and P0004.
+  layout = {"train": [("train", "P0005"), ("val", "P0004")], "val": [("val", "P0003")]}
+  for split, scenes in layout.items():
+    (tmp_path / "src" / split / "images").mkdir(parents=True)
+    for folder, scene in scenes:
+      for name in (f"{scene}.png", f"{scene}_instance_color_RGB.png"):
+        (tmp_path / "src" / split / "images" / name).symlink_to(src / folder / "images" / name)
+  config = load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 512,
+                                   "data.val_fraction": 0.5})
+  manifests = prepare.run(config, tmp_path / "work")
+  assert manifests["test"]["scenes"] == ["P0003"]
+  assert sorted(manifests["train"]["scenes"] + manifests["val"]["scenes"]) == ["P0004", "P0005"]
   palette = np.asarray(config.data.palette, np.uint8)
+  folders = {scene: folder for scenes in layout.values() for folder, scene in scenes}
   classes_in = {}
-  for split in ("train", "val"):
-    for pair in read_split(tmp_path / "data" / split):
+  for split in ("train", "val", "test"):
+    for pair in read_split(tmp_path / "work/data" / split):
       scene, y, x = ID.fullmatch(pair["id"]).group("scene", "y", "x")
-      folder = src / split / "images"
+      folder = src / folders[scene] / "images"
       crop = np.s_[int(y):int(y) + 512, int(x):int(x) + 512]
       np.testing.assert_array_equal(pair["image"], np.asarray(Image.open(folder / f"{scene}.png"))[crop])
       rgb = np.asarray(Image.open(folder / f"{scene}_instance_color_RGB.png"))[crop]
@@ -281,7 +322,7 @@ def test_real_isaid_colours_become_classes(shared_data, tmp_path):
   assert classes_in["P0003"] == {0, 2, 8, 9}  # background, storage_tank, large_vehicle, small_vehicle
   assert classes_in["P0004"] == classes_in["P0005"] == {0, 8, 9}
   # P0003 is 1147 x 1023: the ragged edge is covered by edge-aligned patches.
-  assert {p["id"] for p in read_split(tmp_path / "data/val") if p["id"].startswith("P0003")} == {
+  assert {p["id"] for p in read_split(tmp_path / "work/data/test") if p["id"].startswith("P0003")} == {
       f"P0003_y{y}_x{x}" for y in (0, 511) for x in (0, 512, 635)}
 
 
@@ -291,7 +332,7 @@ def test_cli_prepares_the_demo(tmp_path):
          "--config.data.patch_size=32"]
   result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
-  for split, scenes in (("train", 4), ("val", 2)):
+  for split, scenes in (("train", 4), ("val", 2), ("test", 4)):
     manifest = json.loads((tmp_path / "data" / split / records.MANIFEST).read_text())
     assert manifest["num_examples"] == scenes * 9 and manifest["source"] == "demo"
     assert (tmp_path / "report" / f"prepare_{split}.png").is_file()

@@ -149,6 +149,12 @@ def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(
     got = scores["label_fidelity"][f"iou/{name}"]
     assert got == (None if expected is None else pytest.approx(expected, abs=slack)), name
   assert os.path.isfile(os.path.join(workdir, "report", f"sample_quality_{DEFAULT_SET}.png"))
+  # The same masks: the same class shares, at distance 0, drawn beside each other.
+  assert scores["class_tv"] == 0 and scores["class_frequency"]["real"] == scores["class_frequency"]["synthetic"]
+  shares = np.array(records.read_manifest(os.path.join(workdir, "data", "train"))["class_pixels"], float)
+  np.testing.assert_allclose(list(scores["class_frequency"]["real"].values()), shares / shares.sum())
+  assert scores["presence_accuracy"] is None  # not drawn from presence requests
+  assert os.path.isfile(os.path.join(workdir, "report", f"class_frequency_{DEFAULT_SET}.png"))
 
 
 def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_counted_fidelity(
@@ -192,6 +198,12 @@ def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_cou
   assert os.path.isfile(os.path.join(workdir, "report", "sample_quality_noise.png"))
   image_only, _ = evaluate_samples(cli, workdir, str(tmp_path / "image_only"))
   assert image_only["label_fidelity_miou"] is None and image_only["label_fidelity"] is None
+  assert image_only["class_tv"] is None  # no labelled pixel: no class shares to compare
+  # The noise set's class shares: its masks' own, against the train split's.
+  noise_shares = np.bincount(masks[masks != 255], minlength=k) / np.sum(masks != 255)
+  np.testing.assert_allclose(list(noisy["class_frequency"]["synthetic"].values()), noise_shares, rtol=1e-9)
+  real_shares = np.array(list(noisy["class_frequency"]["real"].values()))
+  assert noisy["class_tv"] == pytest.approx(0.5 * np.abs(noise_shares - real_shares).sum(), rel=1e-9)
   assert image_only["fid"] < 1e-6  # the real train images again: only the masks differ
   # No label fidelity picture for a set without labels.
   assert not os.path.exists(os.path.join(workdir, "report", "sample_quality_image_only.png"))

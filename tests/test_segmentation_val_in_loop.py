@@ -61,8 +61,8 @@ def test_last_in_loop_score_equals_evaluate_on_the_last_checkpoint(straight):
     summary = json.load(f)
   last = [entry for entry in read_log(straight) if "val_miou" in entry][-1]
   assert summary["checkpoint_step"] == last["step"] == 4
-  assert last["val_miou"] == pytest.approx(summary["scores"]["miou"], abs=1e-6)
-  assert last["val_mf1"] == pytest.approx(summary["scores"]["mf1"], abs=1e-6)
+  assert last["val_miou"] == pytest.approx(summary["splits"]["val"]["scores"]["miou"], abs=1e-6)
+  assert last["val_mf1"] == pytest.approx(summary["splits"]["val"]["scores"]["mf1"], abs=1e-6)
 
 
 def test_resumed_run_with_the_evaluator_equals_the_uninterrupted_one(straight, tmp_path):

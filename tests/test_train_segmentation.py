@@ -255,7 +255,8 @@ def test_cli_evaluates_the_trained_run(cli, trained):
   config, workdir = trained
   stdout = cli("evaluate", workdir)
   summary = json.loads(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")).read())
-  assert summary["checkpoint_step"] == 30 and summary["num_examples"] == 8
+  assert summary["checkpoint_step"] == 30
+  assert summary["splits"]["val"]["num_examples"] == 8 and summary["splits"]["test"]["num_examples"] == 16
   assert os.path.exists(os.path.join(workdir, "report", "eval_unet_r0_s0.png"))
   table = stdout[stdout.index("evaluate unet_r0_s0"):].splitlines()
   assert [line.split()[0] for line in table[2:2 + len(config.data.class_names)]] == list(config.data.class_names)

@@ -109,7 +109,7 @@ def test_cifar10_parameter_count_matches_ddpm_reference():
 
 def test_paper_config_shapes_without_running_it():
   cfg = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2,
-                                       attn_resolutions=(16,), dropout=0.0))
+                                       attn_resolutions=(16,), dropout=0.0, scale_shift=False))
   model = unet_from_config(cfg, out_channels=7, dtype="bfloat16")
   x = jax.ShapeDtypeStruct((2, 128, 128, 7), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -125,10 +125,10 @@ def test_paper_config_shapes_without_running_it():
 
 def test_unet_from_config_maps_fields_and_rejects_bad_dtype():
   cfg = ml_collections.ConfigDict(dict(ch=64, ch_mult=[1, 2], num_res_blocks=3, attn_resolutions=[8],
-                                       dropout=0.1))
-  model = unet_from_config(cfg, out_channels=4, dtype=jnp.float32)
+                                       dropout=0.1, scale_shift=True))
+  model = unet_from_config(cfg, out_channels=4, dtype=jnp.float32, self_condition=True, presence_classes=6)
   assert model == UNet(ch=64, ch_mult=(1, 2), num_res_blocks=3, attn_resolutions=(8,), dropout=0.1,
-                       out_channels=4, dtype=jnp.float32)
+                       out_channels=4, dtype=jnp.float32, self_condition=True, presence_classes=6, scale_shift=True)
   with pytest.raises(ValueError, match="float16"):
     unet_from_config(cfg, out_channels=4, dtype="float16")
 
@@ -199,6 +199,56 @@ def test_cond_is_concatenated_to_the_input():
   assert not np.allclose(out, apply(variables, x, t, cond=-cond))
   with pytest.raises(ValueError, match="cond shape"):
     apply(variables, x, t, cond=cond[:, :8, :8])
+
+
+def test_self_cond_is_concatenated_and_defaults_to_zeros():
+  model = UNet(dropout=0.0, self_condition=True, **TINY)
+  x, t = _inputs()
+  variables = _random_variables(model, x, t)
+  assert variables["params"]["conv_in"]["kernel"].shape == (3, 3, 3 + 3, 32)  # x and its x0 estimate
+  apply = _apply(model)
+  estimate = jax.random.uniform(jax.random.key(6), x.shape, minval=-1, maxval=1)
+  given = apply(variables, x, t, self_cond=estimate)
+  assert not np.allclose(given, apply(variables, x, t, self_cond=-estimate))
+  np.testing.assert_allclose(apply(variables, x, t), apply(variables, x, t, self_cond=jnp.zeros_like(x)), rtol=1e-6)
+  with pytest.raises(ValueError, match="self_cond"):
+    _apply(UNet(dropout=0.0, **TINY))(_random_variables(UNet(dropout=0.0, **TINY), x, t), x, t, self_cond=estimate)
+
+
+def test_presence_code_enters_through_the_time_embedding():
+  model = UNet(dropout=0.0, presence_classes=4, **TINY)
+  x, t = _inputs()
+  variables = _random_variables(model, x, t)
+  assert variables["params"]["presence_dense"]["kernel"].shape == (4, 4 * 32)
+  apply = _apply(model)
+  code = jnp.array([[1.0, -1.0, 1.0, -1.0], [-1.0, -1.0, 1.0, 1.0]])
+  asked = apply(variables, x, t, presence=code)
+  assert not np.allclose(asked, apply(variables, x, t, presence=-code))  # the request changes the prediction
+  # No presence: the all-zeros ("no condition") code, as condition dropout trains it.
+  np.testing.assert_allclose(apply(variables, x, t), apply(variables, x, t, presence=jnp.zeros_like(code)), rtol=1e-6)
+  with pytest.raises(ValueError, match="presence must have shape"):
+    apply(variables, x, t, presence=code[:, :3])
+  plain = UNet(dropout=0.0, **TINY)
+  with pytest.raises(ValueError, match="presence given"):
+    _apply(plain)(_random_variables(plain, x, t), x, t, presence=code)
+
+
+def test_additive_time_conditioning_is_erased_by_one_channel_groups_and_scale_shift_keeps_it():
+  """At 32 channels in 32 groups GroupNorm subtracts each channel's mean, so the reference's added time
+  projection cannot change the output; ADM's scale and shift after the norm does."""
+  one_level = dict(TINY, ch_mult=(1,), attn_resolutions=())
+  x, _ = _inputs()
+  early, late = jnp.array([10, 10]), jnp.array([900, 900])
+  for scale_shift, sensitive in ((False, False), (True, True)):
+    model = UNet(dropout=0.0, scale_shift=scale_shift, **one_level)
+    variables = _random_variables(model, x, early)
+    apply = _apply(model)
+    moved = float(jnp.abs(apply(variables, x, early) - apply(variables, x, late)).max())
+    assert (moved > 1e-3) == sensitive, (scale_shift, moved)
+  wide = dict(one_level, ch=64)  # 2 channels per group: addition does reach the output
+  model = UNet(dropout=0.0, **wide)
+  variables = _random_variables(model, x, early)
+  assert float(jnp.abs(_apply(model)(variables, x, early) - _apply(model)(variables, x, late)).max()) > 1e-3
 
 
 def test_bad_inputs_are_named():

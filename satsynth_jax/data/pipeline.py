@@ -13,10 +13,11 @@ paths or bucket URLs such as gs://bucket/records/train, read through records.as_
       Endless interleaving of both inputs at the ratio, each example tagged "is_synthetic".
       Both inputs repeat, so the smaller set (usually the real one) is oversampled, as in the
       paper, which keeps real and synthetic balanced.
-  diffusion_batches(config, record_dir, *, batch_size, seed, ...) -> grain.IterDataset
+  diffusion_batches(config, record_dir, *, batch_size, seed, presence=False, ...) -> grain.IterDataset
       Endless {"x": float32[B, S, S, 3 + C] in [-1, 1]}: the image and the label code
       (labels.encode_real_pair, data.label_encoding); no-data pixels get their own code
-      (data.no_data_code) or become data.ignore_fill_class.
+      (data.no_data_code) or become data.ignore_fill_class. With `presence`, also
+      "presence": float32[B, K], the classes each (augmented) mask holds (labels.presence).
   segmentation_batches(config, real_dir, synthetic_dir=None, *, batch_size, seed, train,
                        synthetic_fraction=0.5, synthetic_count=None, ...) -> grain.IterDataset
       At S = segmentation.image_size: {"image": float32[B, S, S, 3] in [0, 1], "mask": int32[B, S, S] (data.ignore_index kept),
@@ -120,16 +121,17 @@ def diffusion_batches(
     *,
     batch_size: int,
     seed: int,
+    presence: bool = False,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-  """Endless training batches {"x": float32[B, S, S, 3 + C] in [-1, 1]} for the diffusion model."""
+  """Endless training batches {"x": float32[B, S, S, 3 + C] in [-1, 1][, "presence"]} for the diffusion model."""
   d = config.data
   ds = pairs(open_records(record_dir, config), config, seed=seed, train=True,
              process_index=process_index, process_count=process_count)
   ds = ds.map(functools.partial(_diffusion_example, num_classes=d.num_classes, encoding=d.label_encoding,
                                 ignore_index=d.ignore_index, no_data_code=d.no_data_code,
-                                fill_class=d.ignore_fill_class))
+                                fill_class=d.ignore_fill_class, presence=presence))
   return _batched(ds, config, batch_size)
 
 
@@ -235,10 +237,13 @@ def _tag(example: Example, *, is_synthetic: bool) -> Example:
 
 
 def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int, no_data_code: bool,
-                       fill_class: int) -> Example:
+                       fill_class: int, presence: bool = False) -> Example:
   joint = labels.encode_real_pair(example["image"], example["mask"], num_classes, encoding, ignore_index=ignore_index,
                                   no_data_code=no_data_code, fill_class=fill_class)
-  return {"x": joint.astype(np.float32, copy=False)}
+  out = {"x": joint.astype(np.float32, copy=False)}
+  if presence:
+    out["presence"] = labels.presence(example["mask"], num_classes)
+  return out
 
 
 def _segmentation_example(example: Example) -> Example:

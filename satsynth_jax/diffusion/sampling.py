@@ -11,6 +11,9 @@ The samplers are pure functions of a denoiser `denoise_fn(x_t, t) -> output` (t:
 `sharding` (optional) pins the batch layout of x_t at every step, so a batch sharded
 over the mesh's data axis stays sharded through the loop. Noise for step t comes from
 fold_in(key, t), so DDIM with all T steps and eta=1 reproduces DDPM draw for draw.
+
+With `self_condition` (Analog Bits) the denoiser is called as `denoise_fn(x_t, t, x0_prev)`:
+each step sees the previous step's (clipped) x0 estimate, zeros at the first step.
 """
 
 from __future__ import annotations
@@ -22,20 +25,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from satsynth_jax.diffusion.schedule import (Schedule, check_prediction, posterior_mean_variance,
-                                             predict_eps_from_x0, predict_x0_from_eps)
+                                             predict_eps_from_x0, predict_x0)
 
-DenoiseFn = Callable[[jax.Array, jax.Array], jax.Array]
+DenoiseFn = Callable[..., jax.Array]  # (x_t, t[, x0_prev]) -> output
 
 
-def make_denoise_fn(apply_fn: Callable[..., jax.Array], params: Any,
-                    cond: jax.Array | None = None) -> DenoiseFn:
+def make_denoise_fn(apply_fn: Callable[..., jax.Array], params: Any, cond: jax.Array | None = None,
+                    **model_kwargs) -> DenoiseFn:
   """Close over params and conditioning: (x_t, t) -> apply_fn(params, x_t, t, train=False, ...).
 
   `apply_fn` has the signature `diffusion_loss` documents (e.g. `UNet.apply`); `cond` is the
-  SR model's low-resolution pair, or None for the unconditional generator.
+  SR model's low-resolution pair, or None for the unconditional generator; `model_kwargs` go
+  to apply_fn unchanged. The returned function also takes `x0_prev`, passed as `self_cond`.
   """
-  def denoise(x: jax.Array, t: jax.Array) -> jax.Array:
-    return apply_fn(params, x, t, train=False, rngs=None, cond=cond)
+  def denoise(x: jax.Array, t: jax.Array, x0_prev: jax.Array | None = None) -> jax.Array:
+    extra = {} if x0_prev is None else {"self_cond": x0_prev}
+    return apply_fn(params, x, t, train=False, rngs=None, cond=cond, **model_kwargs, **extra)
   return denoise
 
 
@@ -45,22 +50,27 @@ def _constrain(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Arra
 
 def _predict_x0(sched: Schedule, out: jax.Array, xt: jax.Array, t: jax.Array, prediction: str,
                 clip_x0: bool) -> jax.Array:
-  x0 = predict_x0_from_eps(sched, xt, t, out) if prediction == "eps" else out
+  x0 = predict_x0(sched, out, xt, t, prediction)
   return jnp.clip(x0, -1.0, 1.0) if clip_x0 else x0
 
 
+def _denoise(denoise_fn: DenoiseFn, x: jax.Array, t: jax.Array, x0_prev: jax.Array | None) -> jax.Array:
+  return denoise_fn(x, t) if x0_prev is None else denoise_fn(x, t, x0_prev)
+
+
 def sample_ddpm(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], rng: jax.Array, *,
-                prediction: str = "eps", clip_x0: bool = True,
+                prediction: str = "eps", clip_x0: bool = True, self_condition: bool = False,
                 sharding: jax.sharding.Sharding | None = None) -> jax.Array:
   """Ancestral sampling over all T steps with the "fixed small" posterior variance (Ho et al.).
 
   Args:
-    denoise_fn: (x_t [B,...], t int32 [B]) -> eps or x0 prediction, same shape as x_t.
+    denoise_fn: (x_t [B,...], t int32 [B][, x0_prev]) -> eps, x0 or v prediction, x_t's shape.
     sched: the noise schedule the denoiser was trained with.
     shape: output shape [B, ...].
     rng: key for the initial noise and the per-step noise.
-    prediction: what denoise_fn predicts, "eps" or "x0".
+    prediction: what denoise_fn predicts, "eps", "x0" or "v".
     clip_x0: clip the predicted x0 to [-1, 1] before each step (data range).
+    self_condition: pass each step the previous step's x0 estimate (zeros at the first).
     sharding: optional sharding of the batch, kept on x_t through the loop.
 
   Returns:
@@ -70,17 +80,23 @@ def sample_ddpm(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], 
   init_key, step_key = jax.random.split(rng)
   x = _constrain(jax.random.normal(init_key, shape, jnp.float32), sharding)
 
-  def step(x, t):
+  def step(carry, t):
+    x, x0_prev = carry
     tb = jnp.full((shape[0],), t, jnp.int32)
-    x0 = _predict_x0(sched, denoise_fn(x, tb), x, tb, prediction, clip_x0)
+    x0 = _predict_x0(sched, _denoise(denoise_fn, x, tb, x0_prev), x, tb, prediction, clip_x0)
     mean, _, log_variance = posterior_mean_variance(sched, x0, x, tb)
     noise = jax.random.normal(jax.random.fold_in(step_key, t), shape, jnp.float32)
     std = jnp.where(t > 0, jnp.exp(0.5 * log_variance), 0.0)  # the last step returns the mean
-    return _constrain(mean + std * noise, sharding), None
+    return (_constrain(mean + std * noise, sharding), _self_cond(x0, self_condition)), None
 
   timesteps = jnp.arange(sched.num_timesteps - 1, -1, -1, dtype=jnp.int32)
-  x, _ = jax.lax.scan(step, x, timesteps)
+  (x, _), _ = jax.lax.scan(step, (x, _self_cond(jnp.zeros_like(x), self_condition)), timesteps)
   return jnp.clip(x, -1.0, 1.0)
+
+
+def _self_cond(x0: jax.Array, self_condition: bool) -> jax.Array | None:
+  """The x0 estimate the next step is given (clipped, whatever clip_x0 says), or None without self-conditioning."""
+  return jnp.clip(x0, -1.0, 1.0) if self_condition else None
 
 
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
@@ -97,11 +113,11 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 
 def sample_ddim(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], rng: jax.Array, *,
                 num_steps: int, eta: float = 0.0, prediction: str = "eps", clip_x0: bool = True,
-                sharding: jax.sharding.Sharding | None = None) -> jax.Array:
+                self_condition: bool = False, sharding: jax.sharding.Sharding | None = None) -> jax.Array:
   """DDIM (Song et al. 2021) over `num_steps` of the T timesteps; eta=0 is deterministic.
 
   Args:
-    denoise_fn, sched, shape, rng, prediction, clip_x0, sharding: as for `sample_ddpm`.
+    denoise_fn, sched, shape, rng, prediction, clip_x0, self_condition, sharding: as for `sample_ddpm`.
     num_steps: number of denoiser calls, 1..T (timesteps from `ddim_timesteps`).
     eta: noise scale; 0 gives the deterministic ODE-like sampler, 1 the DDPM posterior
       variance (with num_steps=T it equals `sample_ddpm`).
@@ -118,10 +134,11 @@ def sample_ddim(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], 
   init_key, step_key = jax.random.split(rng)
   x = _constrain(jax.random.normal(init_key, shape, jnp.float32), sharding)
 
-  def step(x, xs):
+  def step(carry, xs):
+    x, x0_prev = carry
     t, a, a_prev = xs
     tb = jnp.full((shape[0],), t, jnp.int32)
-    out = denoise_fn(x, tb)
+    out = _denoise(denoise_fn, x, tb, x0_prev)
     x0 = _predict_x0(sched, out, x, tb, prediction, clip_x0)
     # Re-derive eps from the (clipped) x0 so that x_t = sqrt(a) x0 + sqrt(1 - a) eps holds.
     eps = out if prediction == "eps" and not clip_x0 else predict_eps_from_x0(sched, x, tb, x0)
@@ -129,7 +146,8 @@ def sample_ddim(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], 
     direction = jnp.sqrt(jnp.maximum(1.0 - a_prev - sigma**2, 0.0))
     noise = jax.random.normal(jax.random.fold_in(step_key, t), shape, jnp.float32)
     x = jnp.sqrt(a_prev) * x0 + direction * eps + sigma * noise
-    return _constrain(x, sharding), None
+    return (_constrain(x, sharding), _self_cond(x0, self_condition)), None
 
-  x, _ = jax.lax.scan(step, x, (jnp.asarray(timesteps, jnp.int32), abar, abar_prev))
+  init = (x, _self_cond(jnp.zeros_like(x), self_condition))
+  (x, _), _ = jax.lax.scan(step, init, (jnp.asarray(timesteps, jnp.int32), abar, abar_prev))
   return jnp.clip(x, -1.0, 1.0)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from satsynth_jax.models import resnet
+from satsynth_jax.models import layers, resnet
 
 LEVELS = (2, 3, 4, 5)
 
@@ -38,15 +38,16 @@ class FPN(nn.Module):
   @nn.compact
   def __call__(self, features: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     laterals = {level: nn.Conv(self.channels, (1, 1), kernel_init=resnet.CONV_INIT, dtype=self.dtype,
-                               name=f"lateral{level}")(features[f"C{level}"])
+                               name=f"lateral{level}", conv_general_dilated=layers.conv_general_dilated)(
+                                   features[f"C{level}"])
                 for level in LEVELS}
     merged = {LEVELS[-1]: laterals[LEVELS[-1]]}
     for level in reversed(LEVELS[:-1]):
       coarser = merged[level + 1]
       merged[level] = laterals[level] + resize_to(coarser, laterals[level].shape[1:3], "nearest")
     return {f"P{level}": nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
-                                 kernel_init=resnet.CONV_INIT, dtype=self.dtype,
-                                 name=f"output{level}")(merged[level])
+                                 kernel_init=resnet.CONV_INIT, dtype=self.dtype, name=f"output{level}",
+                                 conv_general_dilated=layers.conv_general_dilated)(merged[level])
             for level in LEVELS}
 
 
@@ -69,13 +70,15 @@ class SemanticHead(nn.Module):
       x = pyramid[f"P{level}"]
       for stage in range(max(level - LEVELS[0], 1)):
         x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                    kernel_init=resnet.CONV_INIT, dtype=self.dtype, name=f"level{level}_conv{stage}")(x)
+                    kernel_init=resnet.CONV_INIT, dtype=self.dtype, name=f"level{level}_conv{stage}",
+                    conv_general_dilated=layers.conv_general_dilated)(x)
         x = nn.GroupNorm(self.groups, dtype=self.dtype, name=f"level{level}_norm{stage}")(x)
         x = nn.relu(x)
         if level > LEVELS[0]:
           x = resize_to(x, pyramid[f"P{level - stage - 1}"].shape[1:3], "bilinear")
       summed = summed + x
-    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier")(summed)
+    return nn.Conv(self.num_classes, (1, 1), dtype=self.dtype, name="classifier",
+                   conv_general_dilated=layers.conv_general_dilated)(summed)
 
 
 class FPNSegmenter(nn.Module):

@@ -30,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from satsynth_jax.errors import SatSynthError
+from satsynth_jax.models import layers
 
 RESNET50_STAGES = (3, 4, 6, 3)
 RESNET50_WIDTH = 64  # the stem's channels and stage 1's bottleneck width; stages double it
@@ -46,7 +47,8 @@ CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 def _conv(features: int, kernel: int, stride: int, name: str, dtype: Any) -> nn.Conv:
   pad = kernel // 2  # torch's symmetric padding; "SAME" pads strided convs asymmetrically
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=((pad, pad), (pad, pad)),
-                 use_bias=False, kernel_init=CONV_INIT, dtype=dtype, name=name)
+                 use_bias=False, kernel_init=CONV_INIT, dtype=dtype, name=name,
+                 conv_general_dilated=layers.conv_general_dilated)
 
 
 def batch_norm(train: bool, name: str, dtype: Any) -> nn.BatchNorm:

@@ -11,7 +11,10 @@ GroupNorm statistics and the attention softmax run in float32 so bfloat16 comput
 does not lose precision where it matters.
 
 The super-resolution generator uses the same network with `cond` (the upsampled
-low-resolution pair) concatenated to the noisy input on the channel axis.
+low-resolution pair) concatenated to the noisy input on the channel axis. Two optional
+inputs serve G: `self_cond` (Analog Bits' self-conditioning: the previous x0 estimate,
+concatenated likewise) and `presence` (a class-presence code, diffusion/guidance.py,
+embedded and added to the time embedding; all zeros means "no condition").
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from satsynth_jax.models import layers
 
 NUM_GROUPS = 32  # GroupNorm groups, as in the reference network
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -41,8 +46,9 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def _group_norm(name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-6, dtype=jnp.float32, name=name)
+def _group_norm(name: str, *, act: bool = False) -> layers.GroupNorm:
+  """GroupNorm (float32 statistics and output), with the SiLU that follows it fused when `act`."""
+  return layers.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-6, act=act, name=name)
 
 
 def _conv(features: int, dtype: Any, name: str, *, strides: int = 1, zero: bool = False) -> nn.Conv:
@@ -51,26 +57,41 @@ def _conv(features: int, dtype: Any, name: str, *, strides: int = 1, zero: bool 
 
 
 def _dense(features: int, dtype: Any, name: str, *, zero: bool = False) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero else _default_init, name=name)
+  return nn.Dense(features, dtype=dtype, kernel_init=_zero_init if zero else _default_init, name=name,
+                  dot_general=layers.dot_general)
 
 
 class ResBlock(nn.Module):
-  """GN-SiLU-conv, + time projection, GN-SiLU-dropout-conv, residual (1x1 when widths differ)."""
+  """GN-SiLU-conv, + time projection, GN-SiLU-dropout-conv, residual (1x1 when widths differ).
+
+  With `scale_shift` (ADM, Dhariwal & Nichol 2021) the time embedding scales and shifts the
+  normalised features instead of being added before the norm. The reference's addition only
+  survives GroupNorm when a group holds several channels: at 32 channels in 32 groups the norm
+  subtracts each channel's mean, so an added per-channel constant (time, class presence) is erased.
+  """
 
   features: int
   dropout: float
   dtype: Any
+  scale_shift: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    h = _conv(self.features, self.dtype, "conv1")(nn.silu(_group_norm("norm1")(x)))
-    h = h + _dense(self.features, self.dtype, "time_proj")(nn.silu(temb))[:, None, None, :]
-    h = nn.silu(_group_norm("norm2")(h))
+    b, hgt, wid, c = x.shape
+    x = x.reshape(b, hgt * wid, c)
+    h = _conv(self.features, self.dtype, "conv1")(_group_norm("norm1", act=True)(x).reshape(b, hgt, wid, c))
+    emb = _dense(self.features * (2 if self.scale_shift else 1), self.dtype, "time_proj")(nn.silu(temb))
+    emb = emb[:, None, None, :]
+    if self.scale_shift:
+      scale, shift = jnp.split(emb, 2, axis=-1)
+      h = nn.silu(_group_norm("norm2")(h) * (1.0 + scale) + shift)
+    else:
+      h = _group_norm("norm2", act=True)(h + emb)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.features, self.dtype, "conv2", zero=True)(h)
     if x.shape[-1] != self.features:
       x = _dense(self.features, self.dtype, "shortcut")(x)
-    return x + h
+    return x.reshape(b, hgt, wid, -1) + h
 
 
 class AttnBlock(nn.Module):
@@ -98,8 +119,11 @@ class UNet(nn.Module):
     num_res_blocks: residual blocks per level in the encoder (the decoder has one more).
     attn_resolutions: feature-map heights (pixels) that get a self-attention block.
     dropout: dropout rate inside residual blocks (active only with train=True).
-    out_channels: channels of the prediction (the input's channels for eps/x0).
+    out_channels: channels of the prediction (the input's channels for eps/x0/v).
     dtype: compute dtype; params are float32, GroupNorm and softmax run in float32.
+    self_condition: the input also takes `self_cond` (x's shape; zeros when not given).
+    presence_classes: K > 0 adds a class-presence embedding for `presence` codes [B, K].
+    scale_shift: residual blocks take the time embedding as ADM's scale and shift (ResBlock).
   """
 
   ch: int
@@ -109,6 +133,9 @@ class UNet(nn.Module):
   dropout: float
   out_channels: int
   dtype: Any = jnp.float32
+  self_condition: bool = False
+  presence_classes: int = 0
+  scale_shift: bool = False
 
   def _check_input(self, x: jax.Array, t: jax.Array, cond: jax.Array | None) -> None:
     if x.ndim != 4:
@@ -129,17 +156,31 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, *, cond: jax.Array | None = None,
+               self_cond: jax.Array | None = None, presence: jax.Array | None = None,
                train: bool = False) -> jax.Array:
     self._check_input(x, t, cond)
+    if self.self_condition:
+      x = jnp.concatenate([x, jnp.zeros_like(x) if self_cond is None else self_cond.astype(x.dtype)], axis=-1)
+    elif self_cond is not None:
+      raise ValueError("self_cond given to a U-Net built without self_condition")
     if cond is not None:
       x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
 
     temb = timestep_embedding(t, self.ch)
     temb = _dense(4 * self.ch, self.dtype, "time_dense0")(temb)
+    if self.presence_classes:
+      if presence is None:  # unconditional: the all-zeros code
+        presence = jnp.zeros((x.shape[0], self.presence_classes), jnp.float32)
+      if presence.shape != (x.shape[0], self.presence_classes):
+        raise ValueError(f"UNet presence must have shape ({x.shape[0]}, {self.presence_classes}), "
+                         f"got {presence.shape}")
+      temb = temb + _dense(4 * self.ch, self.dtype, "presence_dense")(presence.astype(self.dtype))
+    elif presence is not None:
+      raise ValueError("presence given to a U-Net built without presence_classes")
     temb = _dense(4 * self.ch, self.dtype, "time_dense1")(nn.silu(temb))
 
     def res_block(h, features, name):
-      return ResBlock(features, self.dropout, self.dtype, name=name)(h, temb, train)
+      return ResBlock(features, self.dropout, self.dtype, self.scale_shift, name=name)(h, temb, train)
 
     def maybe_attn(h, name):
       return AttnBlock(self.dtype, name=name)(h) if h.shape[1] in self.attn_resolutions else h
@@ -169,13 +210,14 @@ class UNet(nn.Module):
         h = jnp.repeat(jnp.repeat(h, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
         h = _conv(h.shape[-1], self.dtype, f"up{level}_upsample")(h)
 
-    h = nn.silu(_group_norm("norm_out")(h))
+    h = _group_norm("norm_out", act=True)(h)
     h = _conv(self.out_channels, self.dtype, "conv_out", zero=True)(h)
     return h.astype(jnp.float32)
 
 
-def unet_from_config(model_cfg, out_channels: int, dtype: Any) -> UNet:
-  """UNet from `config.model` (ch, ch_mult, num_res_blocks, attn_resolutions, dropout).
+def unet_from_config(model_cfg, out_channels: int, dtype: Any, *, self_condition: bool = False,
+                     presence_classes: int = 0) -> UNet:
+  """UNet from `config.model` (ch, ch_mult, num_res_blocks, attn_resolutions, dropout, scale_shift).
 
   `dtype` is the compute dtype, a name ("float32", "bfloat16") or a jnp dtype.
   """
@@ -190,4 +232,7 @@ def unet_from_config(model_cfg, out_channels: int, dtype: Any) -> UNet:
       dropout=float(model_cfg.dropout),
       out_channels=int(out_channels),
       dtype=jnp.dtype(name),
+      self_condition=bool(self_condition),
+      presence_classes=int(presence_classes),
+      scale_shift=bool(model_cfg.scale_shift),
   )

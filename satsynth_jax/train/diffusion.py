@@ -16,7 +16,7 @@ from absl import logging
 
 from satsynth_jax import generator, parallel, viz, workdir as layout
 from satsynth_jax.data import pipeline
-from satsynth_jax.diffusion import schedule
+from satsynth_jax.diffusion import guidance, schedule
 from satsynth_jax.models.unet import UNet
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
@@ -30,12 +30,20 @@ def init_state(model: UNet, size: int, channels: int, t, rng: jax.Array, *, cond
 
 
 def train_step(state: TrainState, batch, *, model: UNet, sched: schedule.Schedule, prediction: str,
-               lr_schedule) -> tuple[TrainState, dict]:
-  """One optimizer step on a global batch {"x": [B, S, S, C]} (+ "cond" for G_SR; only x is noised)."""
+               lr_schedule, weighting: str = "uniform", min_snr_gamma: float = 5.0,
+               condition_dropout: float = 0.0) -> tuple[TrainState, dict]:
+  """One optimizer step on a global batch {"x": [B, S, S, C]} (+ "cond" for G_SR, + "presence" [B, K] for a
+  presence-conditioned G, each row's condition dropped with prob `condition_dropout`; only x is noised)."""
+  rng = state.step_rng()
+  inputs = {}
+  if "presence" in batch:
+    keep = guidance.keep_mask(jax.random.fold_in(rng, 1), batch["x"].shape[0], condition_dropout)
+    inputs["presence"] = guidance.presence_code(batch["presence"], keep)
 
   def loss_fn(params):
-    return schedule.diffusion_loss(generator.apply_fn(model), params, sched, batch["x"], state.step_rng(),
-                                   prediction=prediction, train=True, cond=batch.get("cond"))
+    return schedule.diffusion_loss(generator.apply_fn(model), params, sched, batch["x"], rng,
+                                   prediction=prediction, train=True, cond=batch.get("cond"), weighting=weighting,
+                                   min_snr_gamma=min_snr_gamma, self_condition=model.self_condition, **inputs)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   per_channel = aux["loss_per_channel"]
@@ -68,26 +76,33 @@ def _preview(config, model, mesh, workdir):
 
 def _batches(config, workdir, batch: int):
   batches = pipeline.diffusion_batches(config, layout.data_dir(workdir, "train"), batch_size=batch,
-                                       seed=config.seed)
+                                       seed=config.seed, presence=generator.conditioned(config))
   if not config.diffusion.joint_labels:  # image-only baseline: drop the label channels
     batches = batches.map(lambda b: {"x": b["x"][..., :3]})
   return iter(batches)
 
 
+def step_fn(config, model: UNet, t):
+  """train_step bound to a diffusion model's settings (G's, or G_SR's with its train section `t`)."""
+  f = config.diffusion
+  _, lr_schedule = optim.make_optimizer(t)
+  return functools.partial(train_step, model=model, sched=generator.make_schedule(config), prediction=f.prediction,
+                           lr_schedule=lr_schedule, weighting=f.loss_weighting, min_snr_gamma=f.min_snr_gamma,
+                           condition_dropout=f.condition_dropout)
+
+
 def make_task(config, workdir, mesh) -> loop.Task:
   t = config.diffusion.train
   model = generator.build_g(config)
-  _, lr_schedule = optim.make_optimizer(t)
   batch = parallel.per_process_batch_size(t.batch_size, "diffusion.train.batch_size", mesh)
   return loop.Task(
       name=generator.g_run(config),
       init=functools.partial(init_state, model, config.data.image_size, generator.joint_channels(config), t),
-      step=functools.partial(train_step, model=model, sched=generator.make_schedule(config),
-                             prediction=config.diffusion.prediction, lr_schedule=lr_schedule),
+      step=step_fn(config, model, t),
       make_batches=functools.partial(_batches, config, workdir, batch),
       preview=_preview(config, model, mesh, workdir) if t.sample_every else None,
       config=config,
-      shaping=generator.g_shaping(config),
+      shaping=functools.partial(generator.g_shaping, config, workdir),
   )
 
 

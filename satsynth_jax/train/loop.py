@@ -46,9 +46,11 @@ class Task:
   evaluate: Callable[[TrainState], dict[str, float]] | None = None
   eval_every: int = 0
   # The run's identity (identity.py): the resolved config and the settings that shape the run,
-  # recorded beside its checkpoints; resuming under other shaping settings is refused.
+  # recorded beside its checkpoints; resuming under other shaping settings is refused. A function,
+  # called when training starts: the shaping names the prepared data, which a task built only to
+  # time or inspect its step never reads.
   config: Any = None
-  shaping: dict | None = None
+  shaping: Callable[[], dict] | None = None
 
 
 class _StopRequest:
@@ -148,7 +150,7 @@ def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None =
   # inputs must not leave a config.json that would then refuse the corrected command.
   batches = task.make_batches()
   if task.shaping is not None:
-    identity.ensure(ckpt_dir, task.config, task.shaping, f"run {task.name!r}",
+    identity.ensure(ckpt_dir, task.config, task.shaping(), f"run {task.name!r}",
                     f"train under another --workdir, or delete {ckpt_dir} to retrain", write=is_writer)
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=t.keep_checkpoints)
   resumed_from = None

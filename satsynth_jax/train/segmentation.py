@@ -175,7 +175,7 @@ def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> 
       evaluate=functools.partial(val_scores, evaluator) if evaluator else None,
       eval_every=every,
       config=config,
-      shaping=segmenter.shaping(config, run, set_identity),
+      shaping=functools.partial(segmenter.shaping, config, run, set_identity, workdir),
   )
 
 

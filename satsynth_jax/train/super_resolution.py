@@ -18,7 +18,7 @@ from absl import logging
 from satsynth_jax import generator, parallel, viz, workdir as layout
 from satsynth_jax.data import pipeline
 from satsynth_jax.diffusion import conditioning
-from satsynth_jax.train import diffusion, loop, optim
+from satsynth_jax.train import diffusion, loop
 from satsynth_jax.train.state import TrainState
 
 
@@ -82,18 +82,16 @@ def make_task(config, workdir, mesh) -> loop.Task:
                     config.sr.image_size)
   t = config.sr.train
   model = generator.build_sr(config)
-  _, lr_schedule = optim.make_optimizer(t)
   batch = parallel.per_process_batch_size(t.batch_size, "sr.train.batch_size", mesh)
   return loop.Task(
       name=generator.sr_run(config),
       init=functools.partial(diffusion.init_state, model, config.sr.image_size, generator.joint_channels(config), t,
                              conditional=True),
-      step=functools.partial(diffusion.train_step, model=model, sched=generator.make_schedule(config),
-                             prediction=config.diffusion.prediction, lr_schedule=lr_schedule),
+      step=diffusion.step_fn(config, model, t),
       make_batches=lambda: iter(sr_batches(config, workdir, batch_size=batch, seed=config.seed)),
       preview=_preview(config, model, mesh, workdir) if t.sample_every else None,
       config=config,
-      shaping=generator.sr_shaping(config),
+      shaping=functools.partial(generator.sr_shaping, config, workdir),
   )
 
 

@@ -7,7 +7,10 @@ shadows darken the ground without changing its class, and trees overhang roads a
 roofs, so the classes are learnable without being separable by colour alone.
 
 `write_source` saves the scenes as PNG pairs in the folder layout
-(`{train,val}/{images,masks}/`), so prepare converts them through the real folder code path.
+(`{train,val,test}/{images,masks}/`), so prepare converts them through the real folder code path.
+Each split's scenes come from their own seed stream of `data.demo_seed`: the test scenes, on
+which the experiment's claims are made, are drawn apart from every scene a setting was chosen
+on, and another demo_seed reruns the whole demo on other scenes.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from satsynth_jax import viz
 
 FIELD, ROAD, BUILDING, WATER, TREE, VEHICLE = range(6)
 NUM_CLASSES = 6
-VAL_SCENES_PER_TRAIN = 0.25
+# Per train scene: val scenes (settings are chosen there) and test scenes (claims are made there).
+# Test gets as many scenes as train, so that one scene does not swing its mean.
+VAL_SCENES_PER_TRAIN = 0.5
+TEST_SCENES_PER_TRAIN = 1.0
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
@@ -156,11 +162,12 @@ def generate_scene(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.
 
 
 def scene_counts(num_train: int) -> dict[str, int]:
-  return {"train": num_train, "val": max(2, round(num_train * VAL_SCENES_PER_TRAIN))}
+  return {"train": num_train, "val": max(2, round(num_train * VAL_SCENES_PER_TRAIN)),
+          "test": max(4, round(num_train * TEST_SCENES_PER_TRAIN))}
 
 
 def write_source(config: ml_collections.ConfigDict, root: pathlib.Path) -> pathlib.Path:
-  """Draw the demo scenes (deterministic in config.seed) as `<root>/{train,val}/{images,masks}/*.png`."""
+  """Draw the demo scenes (deterministic in data.demo_seed) as `<root>/{train,val,test}/{images,masks}/*.png`."""
   data = config.data
   if data.num_classes != NUM_CLASSES:
     raise ValueError(f"config.data.num_classes={data.num_classes}: the demo scenes have {NUM_CLASSES} classes")
@@ -168,7 +175,7 @@ def write_source(config: ml_collections.ConfigDict, root: pathlib.Path) -> pathl
   shutil.rmtree(root, ignore_errors=True)  # a smaller rerun must not inherit stale scenes
   for split_index, (split, count) in enumerate(scene_counts(data.demo_num_scenes).items()):
     for i in range(count):
-      image, mask = generate_scene(np.random.default_rng((config.seed, split_index, i)), data.demo_scene_size)
+      image, mask = generate_scene(np.random.default_rng((data.demo_seed, split_index, i)), data.demo_scene_size)
       viz.save_png(image, root / split / "images" / f"scene_{i:03d}.png")
       viz.save_png(mask, root / split / "masks" / f"scene_{i:03d}.png")
   return root

@@ -1,5 +1,5 @@
-"""Any dataset as plain folders: `<src>/images/*` + `<src>/masks/*` (one split, val held out by
-prepare) or `<src>/{train,val}/{images,masks}/`. Images and masks pair by file stem.
+"""Any dataset as plain folders: `<src>/images/*` + `<src>/masks/*` (one split, val and test held
+out by prepare) or `<src>/{train,val[,test]}/{images,masks}/`. Images and masks pair by file stem.
 
 Masks are index images (config.data.mask_format="index", mapped with label_offset /
 ignore_raw_values) or colour-coded with config.data.palette ("rgb").
@@ -11,11 +11,11 @@ import pathlib
 
 import ml_collections
 
-from satsynth_jax.data.sources.scenes import (SPLITS, Inventory, Scene, SourceError, describe_names, pair_by_stem,
-                                              require_dir)
+from satsynth_jax.data.sources.scenes import (SPLITS, TEST, Inventory, Scene, SourceError, describe_names,
+                                              pair_by_stem, require_dir)
 
 SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-LAYOUT = "images/ + masks/, or {train,val}/{images,masks}/"
+LAYOUT = "images/ + masks/, or {train,val[,test]}/{images,masks}/"
 
 
 def _files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -37,14 +37,14 @@ def find_scenes(source_dir: pathlib.Path, data: ml_collections.ConfigDict) -> In
   if (source_dir / "images").is_dir():
     scenes = _split_scenes("train", source_dir, data.mask_format, missing)
     return Inventory(tuple(scenes), tuple(missing))
-  split_roots = {split: source_dir / split for split in SPLITS if (source_dir / split / "images").is_dir()}
+  split_roots = {split: source_dir / split for split in SPLITS + (TEST,) if (source_dir / split / "images").is_dir()}
   if not split_roots:
     raise SourceError(f"config.data.source_dir={str(source_dir)!r} has neither images/ nor "
                       f"train/images/ or val/images/; expected {LAYOUT}")
   scenes = []
-  for split in SPLITS:
+  for split in SPLITS + (TEST,):
     if split in split_roots:
       scenes += _split_scenes(split, split_roots[split], data.mask_format, missing)
-    else:
+    elif split != TEST:  # a test split is optional: prepare holds one out (or uses val) without it
       missing.append(f"{split}/images/ (no {split} split)")
   return Inventory(tuple(scenes), tuple(missing))

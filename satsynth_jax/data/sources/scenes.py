@@ -22,7 +22,8 @@ from PIL import Image
 
 from satsynth_jax.errors import SatSynthError
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # a download's labelled splits; prepare.assign_splits gives them their roles
+TEST = "test"  # a labelled test split, which a folder download may have
 TIFF_SUFFIXES = (".tif", ".tiff")
 
 # iSAID keeps DOTA's whole scenes, up to ~20000 x 20000 px (4e8 pixels). Pillow's default
@@ -46,7 +47,7 @@ class SourceError(SatSynthError, ValueError):
 class Scene:
   """One image/mask file pair of a download."""
 
-  split: str  # "train" or "val"
+  split: str  # "train", "val" or "test"
   scene_id: str  # unique within the dataset; patch ids extend it
   image_path: pathlib.Path
   mask_path: pathlib.Path

@@ -92,7 +92,7 @@ def _step_flops(config) -> float:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from satsynth_jax import generator, parallel  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import generator, parallel, resolved  # pylint: disable=g-import-not-at-top
   from satsynth_jax.train import diffusion  # pylint: disable=g-import-not-at-top
 
   t, d = config.diffusion.train, config.data
@@ -101,7 +101,7 @@ def _step_flops(config) -> float:
   rng = np.random.default_rng(0)
   batch = {"x": rng.uniform(-1, 1, (t.batch_size, d.image_size, d.image_size,
                                     generator.joint_channels(config))).astype(np.float32)}
-  if generator.conditioned(config):
+  if resolved.conditioned(config):
     batch["presence"] = rng.integers(0, 2, (t.batch_size, d.num_classes)).astype(np.float32)
   with jax.set_mesh(setup.mesh):
     compiled, _ = common.compile_jax(setup.step, setup.state, jax.device_put(batch, setup.batched))
@@ -153,7 +153,7 @@ def class_tv(workdir: pathlib.Path, set_dir: pathlib.Path) -> float:
 
 def measure(root: pathlib.Path, name: str, steps: int) -> dict:
   """Train (or reuse), sample and score one variant in root/<name>; returns its row."""
-  from satsynth_jax import generator, sample, sample_quality, segmenter, evaluate  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import evaluate, resolved, sample, sample_quality, segmenter  # pylint: disable=g-import-not-at-top
   from satsynth_jax.train import diffusion, segmentation  # pylint: disable=g-import-not-at-top
 
   config = variant_config(name, steps)
@@ -161,7 +161,7 @@ def measure(root: pathlib.Path, name: str, steps: int) -> dict:
   _link(root / "data", workdir / "data")
   _link(root / "checkpoints" / "metric_encoder", workdir / "checkpoints" / "metric_encoder")
   if trained_by(name) != name:  # a sampler variant: the G of the variant it samples from
-    run_name = generator.g_run(config)
+    run_name = resolved.g_run(config)
     _link(root / trained_by(name) / "checkpoints" / run_name, workdir / "checkpoints" / run_name)
   started = time.perf_counter()
   diffusion.run(config, workdir)
@@ -169,19 +169,19 @@ def measure(root: pathlib.Path, name: str, steps: int) -> dict:
   started = time.perf_counter()
   sample.run(config, workdir)
   sample_seconds = time.perf_counter() - started
-  set_dir = generator.synthetic_dir(config, workdir)
-  quality = sample_quality.run_for(config, workdir, set_dir, generator.synthetic_set(config))
+  set_dir = resolved.synthetic_dir(config, workdir)
+  quality = sample_quality.run_for(config, workdir, set_dir, resolved.synthetic_set(config))
   seg = config.copy_and_resolve_references()
   seg.data.synthetic_fraction = 1.0
   seg.segmentation.train.num_steps = D_PRIME_STEPS
   seg.segmentation.eval_every = 0
-  run = segmenter.Run.arm(seg, PER_REAL, seg.seed, generator.synthetic_set(seg))
+  run = segmenter.Run.arm(seg, PER_REAL, seg.seed, resolved.synthetic_set(seg))
   segmentation.train_run(seg, workdir, run, set_dir)
   scores = evaluate.evaluate_run(seg, workdir, run)
   return {"variant": name, "steps": steps, "train_seconds": round(train_seconds, 1),
           "sample_seconds": round(sample_seconds, 1), "class_tv": round(class_tv(workdir, set_dir), 4),
           "fidelity_miou": quality["label_fidelity_miou"], "fid": quality["fid"], "sfid": quality["sfid"],
-          "d_prime_val_miou": scores["miou"]}
+          "d_prime_val_miou": scores["val"]["miou"]}
 
 
 def table(rows: list[dict]) -> str:

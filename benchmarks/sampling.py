@@ -28,7 +28,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 from benchmarks import common
 
@@ -76,8 +75,8 @@ def sampler_call(config, workdir: str, calls: int) -> common.Call:
 
 def sample_mode_call(config, workdir: str) -> common.Call:
   """One full `--mode=sample` run into a fresh synthetic set."""
-  from satsynth_jax import generator, sample  # pylint: disable=g-import-not-at-top
-  out = generator.synthetic_dir(config, workdir)
+  from satsynth_jax import resolved, sample  # pylint: disable=g-import-not-at-top
+  out = resolved.synthetic_dir(config, workdir)
 
   def call():
     shutil.rmtree(out, ignore_errors=True)
@@ -87,11 +86,11 @@ def sample_mode_call(config, workdir: str) -> common.Call:
 
 
 def benchmark(config, workdir: str, rounds: int) -> Result:
-  from satsynth_jax import sample  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
   from satsynth_jax.data import records  # pylint: disable=g-import-not-at-top
   from satsynth_jax import workdir as layout  # pylint: disable=g-import-not-at-top
   num_real = records.read_manifest(layout.data_dir(workdir, "train"))["num_examples"]
-  pairs = sample.pool_factor(config) * config.sample.per_real * num_real
+  pairs = resolved.pool_factor(config) * config.sample.per_real * num_real
   s = config.sample
   calls = sum(math.ceil(min(s.examples_per_shard, pairs - start) / s.batch_size)
               for start in range(0, pairs, s.examples_per_shard))

@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 import os
 import warnings
-import pathlib
 from collections.abc import Iterator
 
 import flax.linen as nn
@@ -55,13 +54,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from satsynth_jax import (checkpoint, generator, identity, parallel, report, sample_quality, segmenter, viz,
+from satsynth_jax import (checkpoint, identity, parallel, report, resolved, sample_quality, segmenter, viz,
                           workdir as layout)
 from satsynth_jax.config_check import CURATION_SCORERS, CURATION_SELECTIONS
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 
-CURATED_SUFFIX = "_curated"
 REMEDY = "delete it (or curate into another --workdir) to curate again"
 # Float32 losses compared with float64 statistics: equal losses must never fall above their own mean.
 _SLACK = 1e-6
@@ -283,15 +281,6 @@ def pool_filter(config, batches_fn, num_pool: int, thresholds: np.ndarray,
 # ---- the job ----
 
 
-def curated_set(config) -> str:
-  """The curated set's name: the sampled set's, plus "_curated"."""
-  return generator.synthetic_set(config) + CURATED_SUFFIX
-
-
-def curated_dir(config, workdir) -> pathlib.Path:
-  return layout.synthetic_dir(workdir, curated_set(config))
-
-
 def shaping(config, pool_dir, num_real: int, scorer: str) -> dict:
   """The settings that shape a curated set: its pool (recorded identity), scorer and curation settings."""
   u = config.curation
@@ -299,7 +288,7 @@ def shaping(config, pool_dir, num_real: int, scorer: str) -> dict:
   pool_manifest = records.read_manifest(pool_dir)
   pool = recorded["shaping"] if recorded else {"source": pool_manifest["source"]}
   return {"pool": pool, "pool_size": pool_manifest["num_examples"], "scorer": scorer,
-          "scoring_size": pipeline.segmentation_size(config), "data.resize": config.data.resize,
+          "scoring_size": resolved.segmenter_size(config), "data.resize": config.data.resize,
           "curation.scorer": u.scorer, "curation.pixel_tolerance": u.pixel_tolerance,
           "curation.min_fidelity": u.min_fidelity, "curation.selection": u.selection,
           "per_real": config.sample.per_real, "num_real": num_real, "count": config.sample.per_real * num_real,
@@ -412,7 +401,7 @@ def _write(config, pool_dir, out_dir, chosen: np.ndarray, keeps: dict[int, np.nd
   """The chosen pool pairs with filtered masks at the records' own size; the manifest counts at that size."""
   d = config.data
   source = records.PairSource(pool_dir)
-  size = pipeline.segmentation_size(config)
+  size = resolved.segmenter_size(config)
   counts = {"labelled": 0, "ignored": 0}
 
   def pairs():
@@ -457,5 +446,5 @@ def _report(config, workdir, real: dict, pool: dict, curated: dict) -> None:
 
 def run(config, workdir) -> dict:
   """--mode=curate: the config's sampled set (the pool) -> synthetic/<set>_curated/, scored by curation.scorer."""
-  return curate_set(config, workdir, generator.synthetic_dir(config, workdir), curated_dir(config, workdir),
+  return curate_set(config, workdir, resolved.synthetic_dir(config, workdir), resolved.curated_dir(config, workdir),
                     scorer_run(config))

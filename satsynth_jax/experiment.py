@@ -26,8 +26,8 @@ from typing import Callable
 
 import jax
 
-from satsynth_jax import (atomic, checkpoint, curate, evaluate, generator, identity, parallel, report, sample,
-                          sample_quality, segmenter, viz, workdir as layout)
+from satsynth_jax import (atomic, checkpoint, curate, evaluate, generator, identity, parallel, report, resolved,
+                          sample, sample_quality, segmenter, viz, workdir as layout)
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, metric_encoder, segmentation, super_resolution
 
@@ -79,10 +79,10 @@ def arms(config, workdir) -> list[Arm]:
   r = config.sample.per_real
   for kind in config.experiment.arms:
     sampled = set_config(config, conditioned=kind.startswith("conditioned"))
-    name, directory = generator.synthetic_set(sampled), generator.synthetic_dir(sampled, workdir)
+    name, directory = resolved.synthetic_set(sampled), resolved.synthetic_dir(sampled, workdir)
     label = "D u D'" + ("_conditioned" if kind.startswith("conditioned") else "")
     if kind.endswith("curated"):
-      out.append(arm(f"{label}_curated", r, curate.curated_set(sampled), curate.curated_dir(sampled, workdir)))
+      out.append(arm(f"{label}_curated", r, resolved.curated_set(sampled), resolved.curated_dir(sampled, workdir)))
     elif kind == "raw":
       out += [arm(label, ratio, name, directory) for ratio in ratios(config)]
     else:
@@ -125,12 +125,12 @@ def _train_stages(config, workdir, label: str = "") -> list[Stage]:
   """Train G (and G_SR for the cascade)."""
   suffix = f" {label}" if label else ""
   out = [Stage(f"train_diffusion{suffix}",
-               functools.partial(_trained, workdir, generator.g_run(config), config.diffusion.train.num_steps,
+               functools.partial(_trained, workdir, resolved.g_run(config), config.diffusion.train.num_steps,
                                  functools.partial(generator.g_shaping, config, workdir)),
                functools.partial(diffusion.run, config, workdir))]
   if config.sample.super_resolve:
     out.append(Stage(f"train_sr{suffix}",
-                     functools.partial(_trained, workdir, generator.sr_run(config), config.sr.train.num_steps,
+                     functools.partial(_trained, workdir, resolved.sr_run(config), config.sr.train.num_steps,
                                        functools.partial(generator.sr_shaping, config, workdir)),
                      functools.partial(super_resolution.run, config, workdir)))
   return out
@@ -138,7 +138,7 @@ def _train_stages(config, workdir, label: str = "") -> list[Stage]:
 
 def _set_stages(config, workdir, label: str) -> list[Stage]:
   """Sample the set of `config` (a set_config) and score it."""
-  directory, name = generator.synthetic_dir(config, workdir), generator.synthetic_set(config)
+  directory, name = resolved.synthetic_dir(config, workdir), resolved.synthetic_set(config)
   return [Stage(f"sample {label}", functools.partial(sample.is_complete, config, workdir),
                 functools.partial(sample.run, config, workdir)),
           Stage(f"evaluate_samples {label}", functools.partial(sample_quality.is_scored, workdir, directory, name),
@@ -146,8 +146,8 @@ def _set_stages(config, workdir, label: str) -> list[Stage]:
 
 
 def _curate_stages(config, workdir, label: str) -> list[Stage]:
-  pool, curated, name = (generator.synthetic_dir(config, workdir), curate.curated_dir(config, workdir),
-                         curate.curated_set(config))
+  pool, curated, name = (resolved.synthetic_dir(config, workdir), resolved.curated_dir(config, workdir),
+                         resolved.curated_set(config))
   return [Stage(f"curate {label}", functools.partial(curate.is_curated, config, workdir, pool, curated),
                 functools.partial(curate.run, config, workdir)),
           Stage(f"evaluate_samples {label}_curated", functools.partial(sample_quality.is_scored, workdir, curated, name),
@@ -283,7 +283,7 @@ def _write_curves(config, workdir) -> None:
     viz.save_png(viz.line_chart({k: (s, [100 * v for v in vs]) for k, (s, vs) in curves.items()},
                                 "val mIoU while training (mean over seeds)", x_label="step", y_label="val mIoU %"),
                  layout.report_path(workdir, "val_curves.png"))
-  runs = {"generator": [generator.g_run(config)] + ([generator.sr_run(config)] if config.sample.super_resolve else []),
+  runs = {"generator": [resolved.g_run(config)] + ([resolved.sr_run(config)] if config.sample.super_resolve else []),
           "segmenters": [run.name for arm in arms(config, workdir) for run in arm.runs] + [segmenter.METRIC_ENCODER]}
   for kind, names in runs.items():
     logs = {name: report.read_jsonl(layout.metrics_path(workdir, name, ".jsonl")) for name in names}

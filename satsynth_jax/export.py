@@ -30,7 +30,7 @@ import threading
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import atomic, viz, workdir as layout
+from satsynth_jax import atomic, resolved, viz, workdir as layout
 from satsynth_jax.data import records, tfrecord
 from satsynth_jax.errors import SatSynthError
 
@@ -173,8 +173,7 @@ def resolve_set(config, workdir, name: str):
   if name in layout.SPLITS:
     return layout.data_dir(workdir, name), name
   if not name:
-    from satsynth_jax import generator  # imports JAX: only needed for the default set
-    directory = records.as_path(generator.synthetic_dir(config, workdir))  # data.synthetic_dir may be a URL
+    directory = records.as_path(resolved.synthetic_dir(config, workdir))  # data.synthetic_dir may be a URL
     return directory, directory.name
   try:
     return layout.synthetic_dir(workdir, name), name

@@ -25,13 +25,12 @@ Training (train/diffusion.py, train/super_resolution.py) builds its models here 
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from satsynth_jax import checkpoint, identity, labels, parallel, viz, workdir as layout
+from satsynth_jax import checkpoint, identity, labels, parallel, resolved, viz, workdir as layout
 from satsynth_jax.config_check import ConfigError
 from satsynth_jax.data import prepare
 from satsynth_jax.diffusion import conditioning, guidance, sampling, schedule
@@ -49,31 +48,6 @@ SR_SHAPING = G_SHAPING + ("sr.image_size", "sr.model")
 # Training settings that do not change what a run learns, or that a resumed run may extend.
 UNSHAPING_TRAIN_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                         "num_grid_samples", "grid_sampler_steps")
-
-
-def _ablation_suffix(config) -> str:
-  f = config.diffusion
-  parts = [f.prediction] if f.prediction != "eps" else []
-  if not f.joint_labels:
-    parts.append("image_only")
-  elif config.data.label_encoding != "bits":
-    parts.append(config.data.label_encoding)
-  return "".join(f"_{part}" for part in parts)
-
-
-def conditioned(config) -> bool:
-  """G takes class-presence vectors (diffusion.condition="presence"; never the image-only baseline)."""
-  return config.diffusion.condition == "presence" and config.diffusion.joint_labels
-
-
-def g_run(config) -> str:
-  """G's run name: "diffusion" plus its ablation axes (x0, v, onehot, image_only) and "_presence"."""
-  return "diffusion" + _ablation_suffix(config) + ("_presence" if conditioned(config) else "")
-
-
-def sr_run(config) -> str:
-  """G_SR's run name: "super_resolution" plus the same ablation axes as G (it is never presence-conditioned)."""
-  return "super_resolution" + _ablation_suffix(config)
 
 
 def train_shaping(config, section: str) -> dict:
@@ -98,28 +72,6 @@ def data_shaping(workdir) -> dict:
   return prepare.data_identity(workdir) if workdir is not None else {}
 
 
-def presence_plan_name(config) -> str:
-  """The sampling plan's part of a set name: "" (unconditional), "real", "rare_w2" (guidance 2),
-  "real-vehicle" (every pair also asks for vehicle), ..."""
-  s = config.sample
-  if not conditioned(config) or s.presence == "none":
-    return ""
-  name = s.presence + "".join("-" + re.sub(r"[^A-Za-z0-9.]", ".", c) for c in s.require_classes)
-  return name + (f"_w{s.guidance:g}" if s.guidance else "")
-
-
-def synthetic_set(config) -> str:
-  """The name of the set `--mode=sample` writes: G's run, its presence plan, and "_cascade" when G_SR
-  upsamples it."""
-  plan = presence_plan_name(config)
-  return g_run(config) + (f"_{plan}" if plan else "") + ("_cascade" if config.sample.super_resolve else "")
-
-
-def synthetic_dir(config, workdir):
-  """data.synthetic_dir when set, else <workdir>/synthetic/<synthetic_set(config)>."""
-  return config.data.synthetic_dir or layout.synthetic_dir(workdir, synthetic_set(config))
-
-
 def no_data_index(config) -> int | None:
   """The mask value G's no-data code decodes to; None when the codec has none (data.no_data_code=False)."""
   return config.data.ignore_index if config.data.no_data_code else None
@@ -141,7 +93,7 @@ def sr_factor(config) -> int:
 def build_g(config) -> UNet:
   return unet_from_config(config.diffusion.model, joint_channels(config), config.dtype,
                           self_condition=config.diffusion.self_condition,
-                          presence_classes=config.data.num_classes if conditioned(config) else 0)
+                          presence_classes=config.data.num_classes if resolved.conditioned(config) else 0)
 
 
 def build_sr(config) -> UNet:
@@ -294,7 +246,7 @@ def _missing_hint(workdir, run: str, mode: str) -> str:
 
 def restore_g(config, workdir, mesh, step: int | None = None):
   """(G's trained config, model, EMA params replicated on `mesh`, checkpoint step); step None/-1: latest."""
-  run = g_run(config)
+  run = resolved.g_run(config)
   config = trained_config(config, workdir, run)
   model = build_g(config)
   abstract = {"params": jax.eval_shape(functools.partial(
@@ -306,7 +258,7 @@ def restore_g(config, workdir, mesh, step: int | None = None):
 
 def restore_sr(config, workdir, mesh, step: int | None = None):
   """(G_SR's trained config, model, EMA params replicated on `mesh`, checkpoint step)."""
-  run = sr_run(config)
+  run = resolved.sr_run(config)
   config = trained_config(config, workdir, run)
   model = build_sr(config)
   abstract = {"params": jax.eval_shape(functools.partial(

@@ -142,6 +142,14 @@ def tail_change(steps: Sequence[int], values: Sequence[float], last_steps: int) 
   return window[-1] - window[0] if len(window) >= 2 else None
 
 
+def under_half(quality: dict) -> list[str]:
+  """Classes a synthetic set draws at less than half their share of the real train split's pixels."""
+  shares = quality.get("class_frequency")
+  if not shares or quality.get("class_tv") is None:
+    return []
+  return [name for name, real in shares["real"].items() if shares["synthetic"][name] < 0.5 * real]
+
+
 def _split_heading(split: str, manifest: dict | None) -> str:
   role = {"test": "claims are made here; no setting was ever chosen on it",
           "val": "settings (budgets, generator levers) were chosen here"}[split]
@@ -215,16 +223,18 @@ def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None
     lines += ["", "## Synthetic sets", "",
               "Features of the metric encoder, a U-Net segmenter trained on the real train split (compare FID, "
               "sFID and IS only under the same encoder id); class TV: total variation between the set's and "
-              "the real train split's class pixel shares (0: the same shares); presence accuracy: the fraction "
-              "of pairs asked for a class whose mask holds it (conditioned sets).", "",
-              "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | class TV | presence accuracy | "
-              "metric encoder |", "|---|---|---|---|---|---|---|---|"]
+              "the real train split's class pixel shares (0: the same shares); under half: classes the set draws "
+              "at less than half their real share; presence accuracy: the fraction of pairs asked for a class "
+              "whose mask holds it (conditioned sets).", "",
+              "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | class TV | under half | presence accuracy | "
+              "metric encoder |", "|---|---|---|---|---|---|---|---|---|"]
     for label, q in quality.items():
       accuracy = q.get("presence_accuracy") or {}
       shown = ", ".join(f"{name} {100 * v:.0f}%" for name, v in accuracy.items() if v is not None) or "-"
       tv = q.get("class_tv")
       lines.append(f"| {label} | {q['fid']:.3f} | {q['sfid']:.3f} | {q['is']['mean']:.3f} | "
-                   f"{percent(q['label_fidelity_miou'])} | {'-' if tv is None else f'{tv:.3f}'} | {shown} | "
+                   f"{percent(q['label_fidelity_miou'])} | {'-' if tv is None else f'{tv:.3f}'} | "
+                   f"{', '.join(under_half(q)) or ('-' if tv is None else 'none')} | {shown} | "
                    f"`{q['metric_encoder']}` |")
   if stage_seconds:
     total = sum(t["seconds"] for t in stage_seconds.values())

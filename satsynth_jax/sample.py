@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import atomic, checkpoint, generator, identity, parallel, presence, report, viz, workdir as layout
+from satsynth_jax import (atomic, checkpoint, generator, identity, parallel, presence, report, resolved, viz,
+                          workdir as layout)
 from satsynth_jax.data import records
 from satsynth_jax.errors import SatSynthError
 
@@ -36,14 +37,9 @@ class SampleError(SatSynthError, ValueError):
   """Samples that must not become a synthetic set (non-finite values); the message names the checkpoint."""
 
 
-def pool_factor(config) -> int:
-  """P: candidates drawn per kept pair (curation.pool_factor when curation is on, else 1)."""
-  return config.curation.pool_factor if config.curation.enabled else 1
-
-
 def presence_plan(config, gconfig) -> dict | None:
   """The set's sampling plan for a presence-conditioned G (None for an unconditioned one)."""
-  if not generator.conditioned(gconfig):
+  if not resolved.conditioned(gconfig):
     return None
   s = config.sample
   return {"presence": s.presence, "require_classes": list(s.require_classes), "guidance": s.guidance}
@@ -54,12 +50,12 @@ def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_conf
   the prepared data it learned from), G_SR's (with the cascade; `sr_config` is the config it was trained
   with), the sampler and the presence plan."""
   s = config.sample
-  return {"presence_plan": presence_plan(config, gconfig), "generator": generator.g_run(config), "checkpoint_step": step,
+  return {"presence_plan": presence_plan(config, gconfig), "generator": resolved.g_run(config), "checkpoint_step": step,
           "generator_settings": generator.g_shaping(gconfig, workdir),
-          "super_resolution": generator.sr_run(config) if sr_step is not None else None,
+          "super_resolution": resolved.sr_run(config) if sr_step is not None else None,
           "super_resolution_step": sr_step, "per_real": s.per_real, "num_real": num_real,
-          "pool_factor": pool_factor(config),
-          "requested": pool_factor(config) * s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
+          "pool_factor": resolved.pool_factor(config),
+          "requested": resolved.pool_factor(config) * s.per_real * num_real, "examples_per_shard": s.examples_per_shard,
           "sampler": s.sampler, "ddim_steps": s.ddim_steps, "ddim_eta": s.ddim_eta, "seed": config.seed,
           "super_resolution_settings": generator.sr_shaping(sr_config, workdir) if sr_step is not None else None,
           "image_size": sr_config.sr.image_size if sr_step is not None else gconfig.data.image_size,
@@ -71,18 +67,18 @@ def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_conf
 def is_complete(config, workdir) -> bool:
   """Does the config's set hold every pair its plan asks for, drawn from the current G (and G_SR)?
   A set made under another plan is refused (identity.SettingsMismatchError)."""
-  out_dir = generator.synthetic_dir(config, workdir)
+  out_dir = resolved.synthetic_dir(config, workdir)
   try:
     manifest = records.read_manifest(out_dir)
     real = records.read_manifest(layout.data_dir(workdir, "train"))
   except records.RecordError:
     return False
-  g_run = generator.g_run(config)
+  g_run = resolved.g_run(config)
   step = checkpoint.latest_step(layout.checkpoint_dir(workdir, g_run))
   sr_config = sr_step = None
   if config.sample.super_resolve:
-    sr_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, generator.sr_run(config)))
-    sr_config = generator.trained_config(config, workdir, generator.sr_run(config))
+    sr_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, resolved.sr_run(config)))
+    sr_config = generator.trained_config(config, workdir, resolved.sr_run(config))
   expected = plan(config, generator.trained_config(config, workdir, g_run), real["num_examples"], step, sr_step,
                   sr_config, workdir)
   identity.check(out_dir, expected, "this synthetic set", "delete it (or use another --workdir) to sample again")
@@ -108,7 +104,7 @@ def _make_draw(config, gconfig, workdir, mesh, batch: int, params, generate):
   shared = [k for k in generator.G_SHAPING if k != "diffusion.model"]  # G_SR reads G's pairs: these must agree
   mismatch = identity.differences(identity.select(gconfig, shared), identity.select(sr_config, shared))
   if mismatch:
-    raise SampleError(f"G ({generator.g_run(config)}) and G_SR ({generator.sr_run(config)}) were trained with "
+    raise SampleError(f"G ({resolved.g_run(config)}) and G_SR ({resolved.sr_run(config)}) were trained with "
                       f"other label or schedule settings: {'; '.join(mismatch)}")
   upsample = generator.make_upsample_fn(sr_config, sr_model, mesh, batch, sampler=s.sampler,
                                         ddim_steps=s.ddim_steps, ddim_eta=s.ddim_eta)
@@ -148,7 +144,7 @@ def run(config, workdir) -> None:
   """--mode=sample: P x R x |D| pairs of this config's generator into synthetic/<set>/, resumable."""
   s = config.sample
   real = records.read_manifest(layout.data_dir(workdir, "train"))
-  out_dir = generator.synthetic_dir(config, workdir)
+  out_dir = resolved.synthetic_dir(config, workdir)
   batch = parallel.per_process_batch_size(s.batch_size, "sample.batch_size")
   mesh = parallel.make_mesh(jax.local_devices())
   gconfig, model, params, step = generator.restore_g(config, workdir, mesh, s.checkpoint_step)
@@ -171,7 +167,7 @@ def run(config, workdir) -> None:
   logging.info("sample: %d pairs in %d shards from checkpoint %d; process %d of %d writes shards %s", total,
                len(counts), step, process, num_processes, todo)
   base = jax.random.fold_in(jax.random.key(config.seed), step)
-  where = f"{generator.g_run(config)} step {step}" + (f" through {generator.sr_run(config)} step {sr_step}"
+  where = f"{resolved.g_run(config)} step {step}" + (f" through {resolved.sr_run(config)} step {sr_step}"
                                                         if sr_step is not None else "")
 
   def dispatch(shard: int):

@@ -40,8 +40,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from satsynth_jax import (atomic, checkpoint, evaluate, generator, labels, parallel, presence, report, segmenter, viz,
-                          workdir as layout)
+from satsynth_jax import (atomic, checkpoint, evaluate, labels, parallel, presence, report, resolved,
+                          segmenter, viz, workdir as layout)
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.metrics import fid
@@ -206,7 +206,7 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
     fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
   summary = {
       **label_statistics(config, records.read_manifest(train_dir), synthetic_dir),
-      "metric_encoder": encoder, "image_size": pipeline.segmentation_size(config),
+      "metric_encoder": encoder, "image_size": resolved.segmenter_size(config),
       "real_dir": str(train_dir), "synthetic_dir": str(synthetic_dir), "num_real": real.count, "num_synthetic": synthetic.count,
       **distances(real, synthetic), "is": inception_score(synthetic), "set": pathlib.Path(synthetic_dir).name,
       "label_fidelity_miou": None, "label_fidelity": None,
@@ -236,5 +236,5 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
 def run(config, workdir) -> dict:
   """--mode=evaluate_samples: score data.synthetic_dir (default: this config's sampled set) into
   metrics/sample_quality_<set>.json."""
-  directory = generator.synthetic_dir(config, workdir)
+  directory = resolved.synthetic_dir(config, workdir)
   return run_for(config, workdir, directory, pathlib.Path(directory).name)

@@ -20,8 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from satsynth_jax import checkpoint, generator, identity, workdir as layout
-from satsynth_jax.data import pipeline
+from satsynth_jax import checkpoint, generator, identity, resolved, workdir as layout
 from satsynth_jax.models.fpn import FPNSegmenter
 from satsynth_jax.models.unet_seg import UNetSegmenter
 
@@ -42,7 +41,7 @@ class Run:
   def from_config(cls, config) -> "Run":
     """The run `--mode=train_segmentation` / `--mode=evaluate` work on (data.synthetic_ratio, seed)."""
     synthetic = config.data.synthetic_dir
-    name = pathlib.Path(synthetic).name if synthetic else generator.synthetic_set(config)
+    name = pathlib.Path(synthetic).name if synthetic else resolved.synthetic_set(config)
     return cls.arm(config, config.data.synthetic_ratio, config.seed, name)
 
   @classmethod
@@ -70,7 +69,7 @@ def shaping(config, run: Run, synthetic: dict | None, workdir=None) -> dict:
   with `workdir`, also what its prepared train split is (prepare.data_identity)."""
   out = {**identity.select(config, SHAPING), **generator.train_shaping(config, "segmentation.train"),
          "architecture": run.architecture, "synthetic_ratio": run.synthetic_ratio, "seed": run.seed,
-         "input_size": pipeline.segmentation_size(config),  # data.image_size when segmentation.image_size is 0
+         "input_size": resolved.segmenter_size(config),  # data.image_size when segmentation.image_size is 0
          **generator.data_shaping(workdir)}
   if run.synthetic_ratio > 0:
     out.update({"data.synthetic_fraction": config.data.synthetic_fraction, "synthetic_set": synthetic})
@@ -97,7 +96,7 @@ def restore(config, workdir, run: Run, mesh, step: int | None = None) -> tuple[n
   """
   check_trained_with(config, workdir, run)
   model = build(config, run.architecture)
-  abstract = jax.eval_shape(functools.partial(init_variables, model, pipeline.segmentation_size(config)),
+  abstract = jax.eval_shape(functools.partial(init_variables, model, resolved.segmenter_size(config)),
                             jax.random.key(0))
   mode = "train_metric_encoder" if run.name == METRIC_ENCODER else "train_segmentation"
   variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run.name), abstract, mesh, step,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_G, load_config
-from satsynth_jax import checkpoint, config_check, generator, labels, presence, sample, sample_quality
+from satsynth_jax import checkpoint, config_check, labels, presence, resolved, sample, sample_quality
 from satsynth_jax import workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion
@@ -53,7 +53,7 @@ def test_a_conditioned_g_draws_a_requested_class_more_often_than_unconditioned(c
   asked.sample.presence, asked.sample.require_classes, asked.sample.guidance = "real", (ASKED,), 3.0
   for c in (unconditional, asked):
     sample.run(c, workdir)
-  plain_dir, asked_dir = (generator.synthetic_dir(c, workdir) for c in (unconditional, asked))
+  plain_dir, asked_dir = (resolved.synthetic_dir(c, workdir) for c in (unconditional, asked))
   assert os.path.basename(plain_dir) == "diffusion_x0_presence"
   assert os.path.basename(asked_dir) == "diffusion_x0_presence_real-water_w3"
   plain, wanted = _masks(plain_dir), _masks(asked_dir)
@@ -77,7 +77,7 @@ def test_conditioned_and_unconditioned_generators_are_never_taken_for_each_other
   config, workdir = conditioned
   plain = config.copy_and_resolve_references()
   plain.diffusion.condition = "none"
-  assert generator.g_run(plain) == "diffusion_x0" != generator.g_run(config) == "diffusion_x0_presence"
+  assert resolved.g_run(plain) == "diffusion_x0" != resolved.g_run(config) == "diffusion_x0_presence"
   with pytest.raises(checkpoint.CheckpointNotFoundError, match="diffusion_x0_presence"):
     sample.run(plain, workdir)  # only the conditioned G exists: named in the hint, never used unconditioned
   asking = plain.copy_and_resolve_references()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from satsynth_jax import checkpoint, config_check, curate, generator, identity, segmenter, workdir as layout
+from satsynth_jax import checkpoint, config_check, curate, identity, resolved, segmenter, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import segmentation
 from test_train_segmentation import TINY, random_variables
@@ -325,7 +325,7 @@ def demo(tmp_path_factory):
   checkpoint.save(mngr, 5, state)
   mngr.wait_until_finished()
   rng = np.random.default_rng(0)
-  pool_dir = generator.synthetic_dir(config, workdir)
+  pool_dir = resolved.synthetic_dir(config, workdir)
   pairs = []
   for i in range(12):
     mask = np.repeat(np.repeat(rng.integers(0, K, (4, 4)), 4, 0), 4, 1).astype(np.uint8)
@@ -367,7 +367,7 @@ def test_demo_curation_end_to_end_without_reading_val_or_test(demo, monkeypatch)
     manifest = curate.run(config, workdir)
   finally:
     restore()
-  out_dir = curate.curated_dir(config, workdir)
+  out_dir = resolved.curated_dir(config, workdir)
   assert out_dir.name == "diffusion_x0_curated"
   assert manifest == records.read_manifest(out_dir)
   assert manifest["num_examples"] == 2 * 4 and manifest["selection"] == "hard_rare"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from satsynth_jax import generator, identity, labels, segmenter
+from satsynth_jax import generator, identity, labels, resolved, segmenter
 from satsynth_jax.data import pipeline
 
 
@@ -45,12 +45,12 @@ def test_recorded_config_round_trips_to_a_config_that_builds_the_same_model(tmp_
 ])
 def test_the_papers_ablations_get_their_own_runs_sets_and_segmenter_runs(overrides, name):
   config = load_config("demo", **overrides)
-  assert generator.g_run(config) == name
-  assert generator.sr_run(config) == name.replace("diffusion", "super_resolution")
-  assert generator.synthetic_set(config) == name
+  assert resolved.g_run(config) == name
+  assert resolved.sr_run(config) == name.replace("diffusion", "super_resolution")
+  assert resolved.synthetic_set(config) == name
   config.sample.super_resolve = True
-  assert generator.synthetic_set(config) == f"{name}_cascade"
-  run = segmenter.Run.arm(config, 3, 1, generator.synthetic_set(config))
+  assert resolved.synthetic_set(config) == f"{name}_cascade"
+  run = segmenter.Run.arm(config, 3, 1, resolved.synthetic_set(config))
   assert run.name == f"fpn_r3_{name}_cascade_s1"
   assert segmenter.Run.arm(config, 0, 1, None).name == "fpn_r0_s1"  # real only: no generator in its name
 

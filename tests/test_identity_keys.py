@@ -14,7 +14,7 @@ import re
 import pytest
 
 from conftest import TINY_G, load_config
-from satsynth_jax import generator, identity, sample, segmenter
+from satsynth_jax import generator, identity, resolved, sample, segmenter
 from satsynth_jax.data import prepare
 
 # ---- what each identity may leave out, and why ----
@@ -135,24 +135,24 @@ def _refused(ident_shaping, base: dict, key: str, tmp_path) -> None:
 # ---- the sweeps ----
 
 def _g(config):
-  return generator.g_run(config), generator.g_shaping(config)
+  return resolved.g_run(config), generator.g_shaping(config)
 
 
 def _sr(config):
-  return generator.sr_run(config), generator.sr_shaping(config)
+  return resolved.sr_run(config), generator.sr_shaping(config)
 
 
 def test_every_setting_that_shapes_g_is_in_its_identity(tmp_path):
   _assert_covered([({}, _g)], G_FREE, _prepared_keys())
   for key in identity.select(load_config("demo"), generator.G_SHAPING):  # each listed key reaches the refusal
-    if generator.g_run(_with({}, key)) == generator.g_run(load_config("demo")):
+    if resolved.g_run(_with({}, key)) == resolved.g_run(load_config("demo")):
       _refused(generator.g_shaping, {}, key, tmp_path)
 
 
 def test_every_setting_that_shapes_g_sr_is_in_its_identity(tmp_path):
   _assert_covered([({}, _sr)], SR_FREE, _prepared_keys())
   for key in identity.select(load_config("demo"), generator.SR_SHAPING):
-    if generator.sr_run(_with({}, key)) == generator.sr_run(load_config("demo")):
+    if resolved.sr_run(_with({}, key)) == resolved.sr_run(load_config("demo")):
       _refused(generator.sr_shaping, {}, key, tmp_path)
 
 
@@ -177,7 +177,7 @@ def _plan(base: dict):
   cascade = recorded.sample.super_resolve
 
   def ident(config):
-    return generator.synthetic_set(config), sample.plan(config, recorded, 8, 4, 2 if cascade else None,
+    return resolved.synthetic_set(config), sample.plan(config, recorded, 8, 4, 2 if cascade else None,
                                                         recorded if cascade else None)
 
   return ident

@@ -1,6 +1,7 @@
 """The shared training loop: resume equals uninterrupted, NaN stops cleanly, SIGTERM saves, a damaged
 checkpoint stops the resume (or, when allowed, is skipped)."""
 
+import functools
 import glob
 import json
 import os
@@ -15,7 +16,7 @@ import optax
 import pytest
 
 from satsynth_jax import checkpoint, parallel, workdir as layout
-from satsynth_jax.train import loop
+from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
 
 
@@ -214,3 +215,70 @@ def test_with_fallback_a_resume_skips_the_damaged_step_and_matches_an_uninterrup
   run = layout.checkpoint_dir(str(tmp_path / "b"), "toy")
   assert (run / "6.damaged").is_dir()
   assert checkpoint.manager(run).all_steps() == [3, 6, 9]
+
+
+# ---- shared jitted steps: an experiment's seeds and arms trace and compile their step once ----
+
+TRACES = []
+
+
+def _counted_step(state, batch, *, rate):
+  TRACES.append(rate)  # runs when jax traces the step, not when the compiled step runs
+  loss, grads = jax.value_and_grad(lambda p: jnp.mean((batch["x"] @ p["w"] - batch["y"]) ** 2))(state.params)
+  return state.apply_gradients(jax.tree.map(lambda g: g * rate, grads)), {"loss": loss}
+
+
+def _init(rng, *, t):
+  tx, _ = optim.make_optimizer(t)  # equal settings, the same optimizer object: equal TrainState treedefs
+  return TrainState.create({"w": jax.random.normal(rng, (4, 1))}, tx, rng, ema_decay=0.5)
+
+
+def _partial_task(data, rate=1.0):
+  """A task built afresh, as each experiment run builds its own: new partials over equal values."""
+  t = ml_collections.ConfigDict(dict(optimizer="adam", lr=0.05, schedule="constant", num_steps=6, warmup_steps=0,
+                                     grad_clip=1.0))
+  return loop.Task(name="toy", init=functools.partial(_init, t=t), step=functools.partial(_counted_step, rate=rate),
+                   make_batches=_linear_task(data).make_batches)
+
+
+def test_runs_with_equal_steps_trace_the_step_once(tmp_path, data):
+  TRACES.clear()
+  states = [loop.train(_partial_task(data), _train_config(), str(tmp_path / f"s{seed}"), seed=seed)
+            for seed in (0, 1, 0)]
+  assert TRACES == [1.0]
+  for a, b in zip(_params(states[0]), _params(states[2])):  # the shared program changes nothing
+    np.testing.assert_array_equal(a, b)
+  loop.train(_partial_task(data, rate=0.5), _train_config(), str(tmp_path / "other"), seed=0)
+  assert TRACES == [1.0, 0.5]  # another step value: traced anew
+
+
+def test_shared_jit_keys_on_values():
+  mesh = parallel.make_mesh()
+  config = lambda lr: ml_collections.ConfigDict(dict(lr=lr, sizes=(1, 2)))
+  step = lambda **kw: loop.Task("t", init=None, step=functools.partial(_counted_step, **kw), make_batches=None)
+  one = loop.compile_step(step(rate=config(1.0)), mesh)
+  assert loop.compile_step(step(rate=config(1.0)), mesh) is one
+  assert loop.compile_step(step(rate=config(2.0)), mesh) is not one
+  assert loop.compile_step(step(rate=config(1.0)), parallel.make_mesh(jax.devices()[:1])) is not one
+  weights = jnp.ones(3)  # arrays have no hash: such a step is jitted afresh every time
+  assert loop.compile_step(step(rate=weights), mesh) is not loop.compile_step(step(rate=weights), mesh)
+
+
+@pytest.mark.parametrize("model", ["fpn", "unet"])
+def test_init_compiled_at_o1_gives_the_state_of_xla_default(model):
+  """loop.init_state compiles at LLVM -O1 (INIT_CPU_COMPILER_OPTIONS): the same bits as -O2, XLA's default."""
+  from conftest import TINY_G, load_config
+  from satsynth_jax import segmenter
+  from satsynth_jax.train import diffusion, segmentation
+  mesh = parallel.make_mesh()
+  if model == "fpn":
+    config = load_config("demo")
+    task = segmentation.make_task(config, "unused", mesh, segmenter.Run.arm(config, 0, 0, None))
+  else:
+    config = load_config("demo", **TINY_G, **{"diffusion.train.sample_every": 0})
+    task = diffusion.make_task(config, "unused", mesh)
+  ours = loop.init_state(task, mesh, seed=3)
+  default = jax.jit(task.init).lower(jax.random.key(3)).compile(
+      compiler_options={"xla_backend_optimization_level": 2})(jax.random.key(3))
+  numbers = lambda state: (state.params, state.opt_state, state.ema_params, state.batch_stats)
+  jax.tree.map(np.testing.assert_array_equal, numbers(ours), numbers(default))

@@ -21,7 +21,7 @@ import pytest
 
 import mp_launch
 from conftest import REPO, TINY_G, load_config
-from satsynth_jax import checkpoint, distributed, parallel, sample, workdir as layout
+from satsynth_jax import checkpoint, distributed, parallel, resolved, workdir as layout
 from satsynth_jax.data import pipeline, prepare, records
 from satsynth_jax.train import diffusion, loop
 
@@ -160,7 +160,7 @@ def test_only_process_0_writes_metrics_and_the_preview(two_processes):
 def test_both_processes_write_their_shards_and_together_hold_the_requested_count(two_processes, sampled):
   (config, multi, _), logs = two_processes, sampled
   num_real = records.read_manifest(os.path.join(multi, "data", "train"))["num_examples"]
-  requested = sample.pool_factor(config) * config.sample.per_real * num_real
+  requested = resolved.pool_factor(config) * config.sample.per_real * num_real
   out = layout.synthetic_dir(multi, "diffusion_x0")
   manifest = records.read_manifest(out)
   assert manifest["num_examples"] == requested

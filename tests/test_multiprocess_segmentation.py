@@ -18,7 +18,7 @@ import pytest
 
 import mp_launch
 from conftest import load_config
-from satsynth_jax import checkpoint, evaluate, parallel, sample_quality, segmenter, workdir as layout
+from satsynth_jax import checkpoint, evaluate, parallel, resolved, sample_quality, segmenter, workdir as layout
 from satsynth_jax.data import pipeline, prepare
 from satsynth_jax.train import loop, segmentation
 
@@ -46,7 +46,7 @@ def checkpointed(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("checkpointed")
   config = _config()
   prepare.run(config, str(workdir))
-  state = segmentation.init_state(segmenter.build(config, "unet"), pipeline.segmentation_size(config),
+  state = segmentation.init_state(segmenter.build(config, "unet"), resolved.segmenter_size(config),
                                   config.segmentation.train, jax.random.key(1))
   mngr = checkpoint.manager(layout.checkpoint_dir(str(workdir), RUN))
   checkpoint.save(mngr, 4, state)

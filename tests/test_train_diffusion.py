@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY_G, load_config
-from satsynth_jax import generator, identity, parallel, sample, workdir as layout
+from satsynth_jax import generator, identity, parallel, resolved, sample, workdir as layout
 from satsynth_jax.data import prepare, records
 from satsynth_jax.train import diffusion, super_resolution
 
@@ -69,7 +69,7 @@ def test_sampling_writes_r_times_d_pairs_and_completes_after_interruption(traine
   sample.run(config, workdir)
   out = str(layout.synthetic_dir(workdir, "diffusion_x0"))
   manifest = records.read_manifest(out)
-  assert manifest["num_examples"] == sample.pool_factor(config) * 2 * num_real
+  assert manifest["num_examples"] == resolved.pool_factor(config) * 2 * num_real
   assert manifest["source"] == "synthetic:4"
   source = records.PairSource(out)
   ids = [source[i]["id"] for i in range(len(source))]
@@ -88,7 +88,7 @@ def test_sampling_writes_r_times_d_pairs_and_completes_after_interruption(traine
   for path in (os.path.join(out, "manifest.json"), last, last + ".index"):
     os.remove(path)
   sample.run(config, workdir)
-  assert records.read_manifest(out)["num_examples"] == sample.pool_factor(config) * 2 * num_real
+  assert records.read_manifest(out)["num_examples"] == resolved.pool_factor(config) * 2 * num_real
   assert os.stat(first).st_mtime_ns == first_mtime  # finished shards are kept, not redone
   assert open(last, "rb").read() == last_bytes  # the redone shard is the same draw
 
@@ -154,7 +154,7 @@ def test_sampling_builds_g_from_its_recorded_config_without_the_training_overrid
   manifest = records.read_manifest(layout.synthetic_dir(fresh, "diffusion_x0"))
   recorded = identity.read(layout.synthetic_dir(fresh, "diffusion_x0"))["shaping"]
   num_real = records.read_manifest(os.path.join(fresh, "data", "train"))["num_examples"]
-  assert manifest["num_examples"] == sample.pool_factor(plain) * num_real
+  assert manifest["num_examples"] == resolved.pool_factor(plain) * num_real
   assert recorded["generator_settings"]["diffusion.model.ch_mult"] == [1]  # the trained layout
 
 

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, config_flag, cpu_env, load_config, run_main
-from satsynth_jax import checkpoint, identity, lock, segmenter, workdir as layout
-from satsynth_jax.data import pipeline, prepare, records
+from satsynth_jax import checkpoint, identity, lock, resolved, segmenter, workdir as layout
+from satsynth_jax.data import prepare, records
 from satsynth_jax.train import segmentation
 from test_reliability import RUN, TINY, cli, error_line
 from test_reliability_checkpoint import _abstract, _inference_abstract, _init, _mesh
@@ -71,7 +71,7 @@ def _segmenter_run(config, workdir) -> segmenter.Run:
   """A segmenter run as training leaves it: its config.json and one checkpoint (its initial weights)."""
   run = segmenter.Run.from_config(config)
   model = segmenter.build(config, run.architecture)
-  state = segmentation.init_state(model, pipeline.segmentation_size(config), config.segmentation.train,
+  state = segmentation.init_state(model, resolved.segmenter_size(config), config.segmentation.train,
                                   jax.random.key(0))
   directory = layout.checkpoint_dir(workdir, run.name)
   identity.record(directory, config, segmenter.shaping(config, run, None, workdir))

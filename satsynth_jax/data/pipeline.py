@@ -57,7 +57,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from satsynth_jax import labels
+from satsynth_jax import labels, resolved
 from satsynth_jax.data import records
 from satsynth_jax.errors import SatSynthError
 
@@ -155,7 +155,7 @@ def segmentation_batches(
   """
   process_index, process_count = _process_shard(process_index, process_count)
   shard = dict(process_index=process_index, process_count=process_count)
-  size = segmentation_size(config)
+  size = resolved.segmenter_size(config)
   real = open_records(real_dir, config)
   if not train:
     if synthetic_dir is not None:
@@ -257,11 +257,6 @@ def _segmentation_example(example: Example) -> Example:
 # ---- assembly helpers ----
 
 
-def segmentation_size(config) -> int:
-  """The segmenter's input size: segmentation.image_size, or data.image_size when that is 0."""
-  return config.segmentation.image_size or config.data.image_size
-
-
 def open_records(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> records.PairSource:
   """The record directory's pairs, after checking they carry the classes the config expects."""
   source = records.PairSource(directory)
@@ -297,7 +292,7 @@ def _pad_to_full_batches(ds: grain.MapDataset, config: ml_collections.ConfigDict
   """Marks examples valid and appends invalid fillers up to the batch count every process shares."""
   per_process = -(-num_examples // process_count)
   target = -(-per_process // batch_size) * batch_size
-  size = segmentation_size(config)
+  size = resolved.segmenter_size(config)
   filler = {
       "image": np.zeros((size, size, 3), np.float32),
       "mask": np.full((size, size), config.data.ignore_index, np.int32),

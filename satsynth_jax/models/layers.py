@@ -1,4 +1,4 @@
-"""GroupNorm (+ SiLU) as two passes over the data each way, for XLA:CPU.
+"""Layers written for XLA:CPU: GroupNorm (+ SiLU) in two passes each way, 1x1 convolutions and dense layers as 2-D dots.
 
 flax's GroupNorm followed by `nn.silu`, differentiated by JAX, becomes a dozen reduce and
 elementwise fusions per layer on XLA:CPU (mean, variance, normalise, scale, SiLU, and their
@@ -6,13 +6,17 @@ transposes), each its own pass over memory; with the U-Net's small channel count
 not the convolutions, separated our train step from PyTorch's fused kernels (benchmarks/RESULTS.md).
 `group_norm` computes the same function with a hand-written gradient:
 
-  forward   one reduction (per-(sample, channel) sums of x and x^2), then one elementwise pass
-            y = act(x * a + d) with per-(sample, channel) a, d folding the mean, 1/std, scale, bias
-  backward  one reduction (sums of dz and dz * x, dz the gradient before the activation), then
-            one elementwise pass dx = dz * A + x * B + C
+  forward   per-(sample, channel) sums of x and x^2, then one elementwise pass y = act(x * a + d)
+            with per-(sample, channel) a, d folding the mean, 1/std, scale and bias
+  backward  per-(sample, channel) sums of dz and dz * x (dz: the gradient before the activation),
+            then one elementwise pass dx = dz * a + x * e + f
 
-Only x and per-channel statistics are kept for the backward pass (the activation is recomputed).
+Only x and per-group statistics are kept for the backward pass (the activation is recomputed).
 Statistics use E[x^2] - E[x]^2 in float32, as flax's default (`use_fast_variance`).
+
+`conv_general_dilated` and `dot_general` plug into flax's `nn.Conv` / `nn.Dense` and keep their
+parameters; they route 1x1 convolutions and dense layers through a 2-D dot over [pixels, channels],
+whose gradients XLA:CPU runs without the whole-image convolution and layout copies it otherwise uses.
 """
 
 from __future__ import annotations
@@ -48,12 +52,6 @@ def _moments(x3: jax.Array, groups: int) -> tuple[jax.Array, jax.Array]:
   return mean, var
 
 
-def _materialised(*small):
-  """Keeps XLA from fusing the [B, G] -> [B, C] expansion into the big elementwise loops, where its
-  index arithmetic (a division by C / G per element) costs more than the loop's own work."""
-  return jax.lax.optimization_barrier(small)
-
-
 def _per_channel(g: jax.Array, c: int) -> jax.Array:
   """[B, G] group values -> [B, C]."""
   return jnp.repeat(g, c // g.shape[1], axis=1)
@@ -65,12 +63,12 @@ def _group_norm(x3, scale, bias, groups: int, epsilon: float, act: bool):
 
 
 def _forward(x3, scale, bias, groups, epsilon, act):
+  """x3 [B, N, C]; scale, bias [B, C] (per sample: ADM's scale-shift folds in)."""
   c = x3.shape[-1]
   mean, var = _moments(x3, groups)
   rstd = jax.lax.rsqrt(var + epsilon)
   a = _per_channel(rstd, c) * scale
   d = bias - _per_channel(mean, c) * a
-  a, d = _materialised(a, d)
   z = x3 * a[:, None] + d[:, None]
   y = _silu(z) if act else z
   return y, (x3, scale, bias, mean, rstd)
@@ -82,18 +80,20 @@ def _backward(groups, epsilon, act, residuals, dy):
   b, n, c = x3.shape
   size = n * (c // groups)
   mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
-  a, d = _materialised(rstd_c * scale, bias - mean_c * rstd_c * scale)
+  a = rstd_c * scale
+  d = bias - mean_c * a
   dz = dy * _silu_slope(x3 * a[:, None] + d[:, None]) if act else dy
-  s_dz = jnp.sum(dz, axis=1)  # [B, C]
+  s_dz = jnp.sum(dz, axis=1)  # [B, C]: the bias gradient
   s_dzx = jnp.sum(dz * x3, axis=1)
-  s_dzxhat = rstd_c * (s_dzx - mean_c * s_dz)  # sum of dz * xhat per (sample, channel)
+  s_dzxhat = rstd_c * (s_dzx - mean_c * s_dz)  # sum of dz * xhat: the scale gradient
   # dxhat = dz * scale; with m1, m2 the group means of dxhat and dxhat * xhat,
   # dx = rstd * (dxhat - m1 - xhat * m2) = dz * a + x * e + f.
   m1 = jnp.sum((s_dz * scale).reshape(b, groups, -1), axis=-1) / size
   m2 = jnp.sum((s_dzxhat * scale).reshape(b, groups, -1), axis=-1) / size
-  e, f = _materialised(_per_channel(-rstd * rstd * m2, c), _per_channel(rstd * (rstd * mean * m2 - m1), c))
+  e = _per_channel(-rstd * rstd * m2, c)
+  f = _per_channel(rstd * (rstd * mean * m2 - m1), c)
   dx = dz * a[:, None] + x3 * e[:, None] + f[:, None]
-  return dx, jnp.sum(s_dzxhat, axis=0), jnp.sum(s_dz, axis=0)
+  return dx, s_dzxhat, s_dz
 
 
 _group_norm.defvjp(_forward, _backward)
@@ -101,31 +101,40 @@ _group_norm.defvjp(_forward, _backward)
 
 def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, groups: int, epsilon: float,
                act: bool = False) -> jax.Array:
-  """GroupNorm of channels-last `x` ([B, ..., C]) with per-channel `scale`, `bias`; SiLU after if `act`.
+  """GroupNorm of channels-last `x` ([B, ..., C]); SiLU after if `act`. Float32 compute and output.
 
-  Computes in float32 and returns float32, whatever x's dtype.
+  `scale` and `bias` are per channel ([C]) or per sample and channel ([B, C]), e.g. GroupNorm's own
+  affine times ADM's (1 + scale) plus its shift: the modulation then costs no pass of its own.
   """
-  c = x.shape[-1]
+  batch, c = x.shape[0], x.shape[-1]
   if c % groups:
     raise ValueError(f"group_norm: {c} channels do not split into {groups} groups")
-  x3 = x.astype(jnp.float32).reshape(x.shape[0], -1, c)
-  y = _group_norm(x3, scale.astype(jnp.float32), bias.astype(jnp.float32), groups, float(epsilon), bool(act))
+  x3 = x.astype(jnp.float32).reshape(batch, -1, c)
+  per_sample = lambda v: jnp.broadcast_to(v.astype(jnp.float32), (batch, c))
+  y = _group_norm(x3, per_sample(scale), per_sample(bias), groups, float(epsilon), bool(act))
   return y.reshape(x.shape)
 
 
 class GroupNorm(nn.Module):
   """flax.linen.GroupNorm's parameters ("scale", "bias", per channel) computed by `group_norm`,
-  with the SiLU that follows it in the same pass when `act`. Output float32."""
+  with the SiLU that follows it in the same pass when `act`. Output float32.
+
+  Called with `modulation=(scale, shift)` ([B, C] each) it returns act(norm(x) * (1 + scale) + shift),
+  ADM's time conditioning, in the same pass.
+  """
 
   num_groups: int
   epsilon: float = 1e-6
   act: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, modulation: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     c = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+    if modulation is not None:
+      times, shift = (m.astype(jnp.float32) for m in modulation)
+      scale, bias = scale * (1.0 + times), bias * (1.0 + times) + shift
     return group_norm(x, scale, bias, groups=self.num_groups, epsilon=self.epsilon, act=self.act)
 
 
@@ -149,7 +158,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   XLA:CPU turns a 1x1 convolution's forward pass into a dot but its filter gradient into a
   convolution over the whole image, fed by transposed copies of the activation (batch innermost:
   slow for small batches) into which XLA also recomputes the producing BatchNorm/ReLU chain. As a
-  dot over [pixels, channels], the filter gradient is a dot too and reads the activation in place.
+  2-D dot over [pixels, channels] the filter gradient is a dot too (benchmarks/RESULTS.md).
   """
   kh, kw = rhs.shape[:2]
   plain = (kh, kw) != (1, 1) or feature_group_count != 1 or any(d not in (None, 1) for d in (
@@ -159,41 +168,23 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         dimension_numbers, feature_group_count, precision=precision)
   sh, sw = window_strides
   x = lhs[:, ::sh, ::sw, :] if (sh, sw) != (1, 1) else lhs
-  return _matmul(x.reshape(-1, x.shape[-1]), rhs[0, 0]).reshape(*x.shape[:-1], rhs.shape[-1])
+  return _matmul(x, rhs[0, 0], precision)
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` for flax's `nn.Dense(dot_general=...)`: x [..., I] @ kernel [I, O] through `_matmul`."""
+  """`lax.dot_general` for flax's `nn.Dense(dot_general=...)`: x [..., I] @ kernel [I, O] as a 2-D dot.
+
+  On the activation's own rank, jax's gradient of the dot contracts the pixel axes as several
+  dimensions; on the [pixels, I] view both gradients are plain 2-D dots, which XLA:CPU runs with
+  fewer layout copies (benchmarks/RESULTS.md). Other contractions go to `lax.dot_general` unchanged.
+  """
   if tuple(map(tuple, dimension_numbers[0])) != ((lhs.ndim - 1,), (0,)) or rhs.ndim != 2 or any(
       dimension_numbers[1]) or preferred_element_type is not None:
     return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-  return _matmul(lhs.reshape(-1, lhs.shape[-1]), rhs).reshape(*lhs.shape[:-1], rhs.shape[-1])
+  return _matmul(lhs, rhs, precision)
 
 
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x [P, I] @ w [I, O], whose weight gradient puts the narrower operand on the left.
-
-  The weight gradient x^T g contracts both operands over P, their major axis. XLA:CPU (through
-  YNNPACK) then copies the left operand into a transposed layout first, a slow copy of a whole
-  activation; jax's own transpose rule may pick the wide one.
-  """
-  return x @ w
-
-
-def _matmul_fwd(x, w):
-  return x @ w, (x, w)
-
-
-def _matmul_bwd(residuals, g):
-  x, w = residuals
-  dx = jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())))
-  over_p = (((0,), (0,)), ((), ()))
-  if x.shape[1] <= g.shape[1]:
-    dw = jax.lax.dot_general(x, g, over_p)
-  else:
-    dw = jax.lax.dot_general(g, x, over_p).T
-  return dx, dw.astype(w.dtype)
-
-
-_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+def _matmul(x: jax.Array, w: jax.Array, precision) -> jax.Array:
+  """x [..., I] @ w [I, O] through the 2-D view [pixels, I]."""
+  y = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), w, (((1,), (0,)), ((), ())), precision=precision)
+  return y.reshape(*x.shape[:-1], w.shape[-1])

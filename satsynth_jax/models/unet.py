@@ -77,21 +77,17 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    b, hgt, wid, c = x.shape
-    x = x.reshape(b, hgt * wid, c)
-    h = _conv(self.features, self.dtype, "conv1")(_group_norm("norm1", act=True)(x).reshape(b, hgt, wid, c))
+    h = _conv(self.features, self.dtype, "conv1")(_group_norm("norm1", act=True)(x))
     emb = _dense(self.features * (2 if self.scale_shift else 1), self.dtype, "time_proj")(nn.silu(temb))
-    emb = emb[:, None, None, :]
     if self.scale_shift:
-      scale, shift = jnp.split(emb, 2, axis=-1)
-      h = nn.silu(_group_norm("norm2")(h) * (1.0 + scale) + shift)
+      h = _group_norm("norm2", act=True)(h, modulation=jnp.split(emb, 2, axis=-1))
     else:
-      h = _group_norm("norm2", act=True)(h + emb)
+      h = _group_norm("norm2", act=True)(h + emb[:, None, None, :])
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.features, self.dtype, "conv2", zero=True)(h)
     if x.shape[-1] != self.features:
       x = _dense(self.features, self.dtype, "shortcut")(x)
-    return x.reshape(b, hgt, wid, -1) + h
+    return x + h
 
 
 class AttnBlock(nn.Module):

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from satsynth_jax import generator, parallel, viz, workdir as layout
+from satsynth_jax import generator, parallel, resolved, viz, workdir as layout
 from satsynth_jax.data import pipeline
 from satsynth_jax.diffusion import guidance, schedule
 from satsynth_jax.models.unet import UNet
@@ -61,7 +61,7 @@ def _preview(config, model, mesh, workdir):
   num = t.num_grid_samples + (-t.num_grid_samples) % mesh.size  # extra samples are dropped
   generate = generator.make_generate_fn(config, model, mesh, num, sampler="ddim",
                                         ddim_steps=min(t.grid_sampler_steps, config.diffusion.timesteps))
-  name = generator.g_run(config)
+  name = resolved.g_run(config)
 
   def preview(state: TrainState, step: int):
     joint = parallel.to_host(generate(state.eval_params, jax.random.key(config.seed)))
@@ -76,7 +76,7 @@ def _preview(config, model, mesh, workdir):
 
 def _batches(config, workdir, batch: int):
   batches = pipeline.diffusion_batches(config, layout.data_dir(workdir, "train"), batch_size=batch,
-                                       seed=config.seed, presence=generator.conditioned(config))
+                                       seed=config.seed, presence=resolved.conditioned(config))
   if not config.diffusion.joint_labels:  # image-only baseline: drop the label channels
     batches = batches.map(lambda b: {"x": b["x"][..., :3]})
   return iter(batches)
@@ -96,7 +96,7 @@ def make_task(config, workdir, mesh) -> loop.Task:
   model = generator.build_g(config)
   batch = parallel.per_process_batch_size(t.batch_size, "diffusion.train.batch_size", mesh)
   return loop.Task(
-      name=generator.g_run(config),
+      name=resolved.g_run(config),
       init=functools.partial(init_state, model, config.data.image_size, generator.joint_channels(config), t),
       step=step_fn(config, model, t),
       make_batches=functools.partial(_batches, config, workdir, batch),

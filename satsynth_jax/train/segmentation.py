@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from satsynth_jax import checkpoint, evaluate, generator, identity, parallel, segmenter, workdir as layout
+from satsynth_jax import checkpoint, evaluate, identity, parallel, resolved, segmenter, workdir as layout
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.errors import SatSynthError
 from satsynth_jax.models import resnet
@@ -48,7 +48,7 @@ def load_backbone(config, model: nn.Module) -> Backbone | None:
     logging.warning("the segmenter's backbone trains from scratch: set segmentation.pretrained_path to a "
                     ".safetensors of torchvision ResNet-50 weights to start from ImageNet (README)")
     return None
-  abstract = jax.eval_shape(functools.partial(segmenter.init_variables, model, pipeline.segmentation_size(config)),
+  abstract = jax.eval_shape(functools.partial(segmenter.init_variables, model, resolved.segmenter_size(config)),
                             jax.random.key(0))
   try:
     return resnet.load_pretrained(abstract["params"]["backbone"], abstract["batch_stats"]["backbone"], path)
@@ -141,7 +141,7 @@ def synthetic_source(config, workdir, ratio: int,
         f"({num_real} real pairs in {real_dir}), but {synthetic_dir} holds {available}; "
         f"run --mode=sample with sample.per_real >= {ratio}, or lower data.synthetic_ratio")
   size = records.PairSource(synthetic_dir)[0]["image"].shape[0]
-  wanted = pipeline.segmentation_size(config)
+  wanted = resolved.segmenter_size(config)
   if size != wanted and not config.segmentation.resize_synthetic:
     raise SyntheticSizeError(
         f"{synthetic_dir}: synthetic pairs are {size}x{size} px but the segmenter's input is {wanted} px "
@@ -166,7 +166,7 @@ def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> 
   evaluator = evaluate.Evaluator(config, model, layout.data_dir(workdir, "val"), mesh) if every else None
   return loop.Task(
       name=run.name,
-      init=functools.partial(init_state, model, pipeline.segmentation_size(config), t, backbone=backbone),
+      init=functools.partial(init_state, model, resolved.segmenter_size(config), t, backbone=backbone),
       step=functools.partial(train_step, model=model, ignore_index=config.data.ignore_index,
                              lr_schedule=lr_schedule),
       make_batches=lambda: iter(pipeline.segmentation_batches(
@@ -188,4 +188,4 @@ def train_run(config, workdir, run: segmenter.Run, synthetic_dir=None) -> TrainS
 
 def run(config, workdir) -> TrainState:
   """--mode=train_segmentation: train this config's run (data.synthetic_ratio), resuming from its checkpoint."""
-  return train_run(config, workdir, segmenter.Run.from_config(config), generator.synthetic_dir(config, workdir))
+  return train_run(config, workdir, segmenter.Run.from_config(config), resolved.synthetic_dir(config, workdir))

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from satsynth_jax import generator, parallel, viz, workdir as layout
+from satsynth_jax import generator, parallel, resolved, viz, workdir as layout
 from satsynth_jax.data import pipeline
 from satsynth_jax.diffusion import conditioning
 from satsynth_jax.train import diffusion, loop
@@ -59,7 +59,7 @@ def _preview(config, model, mesh, workdir):
   low_up, high = np.stack([b["cond"] for b in batch[:rows]]), high[:rows]
   upsample = generator.make_upsample_fn(config, model, mesh, num, sampler="ddim",
                                         ddim_steps=min(t.grid_sampler_steps, config.diffusion.timesteps))
-  name = generator.sr_run(config)
+  name = resolved.sr_run(config)
 
   def preview(state: TrainState, step: int):
     out = parallel.to_host(upsample(state.eval_params, jax.random.key(config.seed), low))
@@ -84,7 +84,7 @@ def make_task(config, workdir, mesh) -> loop.Task:
   model = generator.build_sr(config)
   batch = parallel.per_process_batch_size(t.batch_size, "sr.train.batch_size", mesh)
   return loop.Task(
-      name=generator.sr_run(config),
+      name=resolved.sr_run(config),
       init=functools.partial(diffusion.init_state, model, config.sr.image_size, generator.joint_channels(config), t,
                              conditional=True),
       step=diffusion.step_fn(config, model, t),

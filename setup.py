@@ -36,8 +36,8 @@ setup(
     extras_require={
         # pytest-xdist: the suite runs its test files on 2 workers (pytest.ini), as compiling is single-threaded.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "scipy>=1.12"],
-        "mutation": ["mutmut>=3.8.1,<4"],  # tools/mutation.sh (fork-server isolation is new in 3.8)
-        # `tensorboard --logdir WORKDIR/metrics` shows the event files metric_writer.py writes.
+        "mutation": ["mutmut>=3.8.1,<4"],  # tools/mutation/mutation.sh (fork-server isolation is new in 3.8)
+        # `tensorboard --logdir WORKDIR/metrics` shows the event files infra/metric_writer.py writes.
         "tensorboard": ["tensorboard>=2.21"],  # 2.20 still imports pkg_resources, gone from setuptools 82
         # Records read from gs:// (records.PairSource, the data pipeline): etils.epath reads buckets via gcsfs.
         "gcs": ["etils[epath-gcs]>=1.7"],

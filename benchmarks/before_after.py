@@ -74,7 +74,7 @@ def export(rev: str) -> str:
 
 
 def run(model: str, side: str, tree: str, steps: int) -> dict | str:
-  from satsynth_jax import host_devices  # pylint: disable=g-import-not-at-top  (imports no jax)
+  from satsynth_jax.infra import host_devices  # pylint: disable=g-import-not-at-top  (imports no jax)
   env = dict(os.environ, XLA_FLAGS=host_devices.CONV_FLAG, JAX_PLATFORMS="cpu")
   cmd = ["taskset", "-c", "0", sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", side,
          f"--models={model}", f"--steps={steps}"]

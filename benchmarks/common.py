@@ -20,7 +20,7 @@ from typing import TypeVar
 import jax
 import jax.numpy as jnp
 
-from satsynth_jax import parallel
+from satsynth_jax.infra import parallel
 
 # Dense peak TFLOP/s per device by `device_kind` substring (first match wins): (bfloat16, float32).
 # float32 figures are the rates XLA's default precision runs at: TF32 tensor cores on NVIDIA

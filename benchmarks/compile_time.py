@@ -5,7 +5,7 @@ Run from the repository root (each run pinned to one core, no persistent compila
   python -m benchmarks.compile_time --rounds=3
 
 Compiling is most of a short CPU run's time (the demo's stages, the test suite), so a flag that
-compiles faster at an equal step time is worth making the CPU default (host_devices.py). Each
+compiles faster at an equal step time is worth making the CPU default (infra/host_devices.py). Each
 (flag set, round) runs in its own subprocess, as XLA reads XLA_FLAGS once per process; the sets
 alternate within each round. Programs: the training loop's jitted steps of the demo G (32 px, batch
 16) and of the demo segmenter (ResNet-14 FPN, 32 px, batch 32), compiled ahead of time, then

@@ -33,8 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from satsynth_jax import generator
 from satsynth_jax.configs import demo, isaid
-from satsynth_jax import generator, parallel
+from satsynth_jax.infra import parallel
 from satsynth_jax.train import diffusion
 
 CONFIGS = {"demo": demo, "isaid": isaid}

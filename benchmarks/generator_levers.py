@@ -92,7 +92,8 @@ def _step_flops(config) -> float:
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from satsynth_jax import generator, parallel, resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import generator, resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import parallel  # pylint: disable=g-import-not-at-top
   from satsynth_jax.train import diffusion  # pylint: disable=g-import-not-at-top
 
   t, d = config.diffusion.train, config.data
@@ -133,13 +134,12 @@ def _link(target: pathlib.Path, link: pathlib.Path) -> None:
 
 def shared_inputs(root: pathlib.Path) -> None:
   """The demo's prepared splits and the metric encoder, made once under root."""
-  from satsynth_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.train import metric_encoder  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.jobs import prepare, train_metric_encoder  # pylint: disable=g-import-not-at-top
   config = variant_config("base")
   if not (root / "data" / "val" / "manifest.json").exists():
     prepare.run(config, root)
   if not (root / "checkpoints" / "metric_encoder").exists():
-    metric_encoder.run(config, root)
+    train_metric_encoder.run(config, root)
 
 
 def class_tv(workdir: pathlib.Path, set_dir: pathlib.Path) -> float:
@@ -153,8 +153,9 @@ def class_tv(workdir: pathlib.Path, set_dir: pathlib.Path) -> float:
 
 def measure(root: pathlib.Path, name: str, steps: int) -> dict:
   """Train (or reuse), sample and score one variant in root/<name>; returns its row."""
-  from satsynth_jax import evaluate, resolved, sample, sample_quality, segmenter  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.train import diffusion, segmentation  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.jobs import (evaluate, sample, sample_quality, train_diffusion,  # pylint: disable=g-import-not-at-top
+                                 train_segmentation)
 
   config = variant_config(name, steps)
   workdir = root / name
@@ -164,7 +165,7 @@ def measure(root: pathlib.Path, name: str, steps: int) -> dict:
     run_name = resolved.g_run(config)
     _link(root / trained_by(name) / "checkpoints" / run_name, workdir / "checkpoints" / run_name)
   started = time.perf_counter()
-  diffusion.run(config, workdir)
+  train_diffusion.run(config, workdir)
   train_seconds = time.perf_counter() - started
   started = time.perf_counter()
   sample.run(config, workdir)
@@ -175,8 +176,8 @@ def measure(root: pathlib.Path, name: str, steps: int) -> dict:
   seg.data.synthetic_fraction = 1.0
   seg.segmentation.train.num_steps = D_PRIME_STEPS
   seg.segmentation.eval_every = 0
-  run = segmenter.Run.arm(seg, PER_REAL, seg.seed, resolved.synthetic_set(seg))
-  segmentation.train_run(seg, workdir, run, set_dir)
+  run = resolved.SegmenterRun.arm(seg, PER_REAL, seg.seed, resolved.synthetic_set(seg))
+  train_segmentation.train_run(seg, workdir, run, set_dir)
   scores = evaluate.evaluate_run(seg, workdir, run)
   return {"variant": name, "steps": steps, "train_seconds": round(train_seconds, 1),
           "sample_seconds": round(sample_seconds, 1), "class_tv": round(class_tv(workdir, set_dir), 4),
@@ -200,7 +201,7 @@ def main() -> None:
   parser.add_argument("--base_steps", type=int, default=1200, help="the CPU budget, in steps of the base variant")
   args = parser.parse_args()
 
-  from satsynth_jax import host_devices  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import host_devices  # pylint: disable=g-import-not-at-top
   from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
   host_devices.configure(demo.get_config())  # the CLI's CPU devices and flags, before JAX starts
 

@@ -6,7 +6,7 @@ Run from the repository root:
 
 Builds a temporary workdir (the config's demo data, then G trained for --train_steps steps so
 that a real checkpoint exists), then times, alternating, best of --rounds:
-  sample mode  satsynth_jax.sample.run: restore G, draw every shard, decode, encode PNGs, write
+  sample mode  satsynth_jax.jobs.sample.run: restore G, draw every shard, decode, encode PNGs, write
                TFRecord shards, the manifest and the report PNGs (the set is deleted between runs)
   sampler      the same generate program (generator.make_generate_fn, same batch, sampler and
                steps) called as often as the sample mode calls it, blocking on the last batch
@@ -47,15 +47,15 @@ class Result:
 
 def make_workdir(config, workdir: str) -> None:
   """Demo records plus a briefly trained G checkpoint: what `--mode=sample` needs."""
-  from satsynth_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.train import diffusion  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.jobs import prepare, train_diffusion  # pylint: disable=g-import-not-at-top
   prepare.run(config, workdir)
-  diffusion.run(config, workdir)
+  train_diffusion.run(config, workdir)
 
 
 def sampler_call(config, workdir: str, calls: int) -> common.Call:
   """`calls` runs of the generate program sample.run builds, on its restored params."""
-  from satsynth_jax import generator, parallel  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import generator  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import parallel  # pylint: disable=g-import-not-at-top
   s = config.sample
   mesh = parallel.make_mesh(jax.local_devices())
   gconfig, model, params, _ = generator.restore_g(config, workdir, mesh, s.checkpoint_step)
@@ -75,7 +75,8 @@ def sampler_call(config, workdir: str, calls: int) -> common.Call:
 
 def sample_mode_call(config, workdir: str) -> common.Call:
   """One full `--mode=sample` run into a fresh synthetic set."""
-  from satsynth_jax import resolved, sample  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.jobs import sample  # pylint: disable=g-import-not-at-top
   out = resolved.synthetic_dir(config, workdir)
 
   def call():
@@ -88,7 +89,7 @@ def sample_mode_call(config, workdir: str) -> common.Call:
 def benchmark(config, workdir: str, rounds: int) -> Result:
   from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
   from satsynth_jax.data import records  # pylint: disable=g-import-not-at-top
-  from satsynth_jax import workdir as layout  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import workdir as layout  # pylint: disable=g-import-not-at-top
   num_real = records.read_manifest(layout.data_dir(workdir, "train"))["num_examples"]
   pairs = resolved.pool_factor(config) * config.sample.per_real * num_real
   s = config.sample

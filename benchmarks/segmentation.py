@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from satsynth_jax import resolved, segmenter
 from satsynth_jax.configs import isaid
-from satsynth_jax import parallel, segmenter
+from satsynth_jax.infra import parallel
 from satsynth_jax.train import segmentation
 
 CPU_BATCH = 2
@@ -43,7 +44,7 @@ class JaxFPN:
 
   def __init__(self, config, batch: int):
     self.config, self.batch = config, batch
-    run = segmenter.Run.from_config(config)
+    run = resolved.SegmenterRun.from_config(config)
     self.model = segmenter.build(config, run.architecture)
     config.segmentation.train.batch_size = batch
     # The loop's own task and jitted step (its input pipeline is never opened here).

@@ -28,16 +28,16 @@ def main() -> None:
   parser.add_argument("--set", action="append", default=[], help="key=value config override (repeatable)")
   args = parser.parse_args()
 
-  from satsynth_jax import host_devices  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import host_devices  # pylint: disable=g-import-not-at-top
   from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
   host_devices.configure(demo.get_config())  # the CLI's CPU devices and flags, before JAX starts
 
   import ast  # pylint: disable=g-import-not-at-top
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from satsynth_jax import evaluate, report, segmenter, workdir as layout  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.data import prepare  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.train import segmentation  # pylint: disable=g-import-not-at-top
+  from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.infra import report, workdir as layout  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.jobs import evaluate, prepare, train_segmentation  # pylint: disable=g-import-not-at-top
 
   overrides = {}
   for item in args.set:
@@ -61,9 +61,9 @@ def main() -> None:
       (workdir / "data").symlink_to(root / "data_root" / "data")
     finals, logs, seconds = [], [], []
     for seed in range(args.seeds):
-      run = segmenter.Run.arm(config, 0, seed, None)
+      run = resolved.SegmenterRun.arm(config, 0, seed, None)
       started = time.perf_counter()
-      segmentation.train_run(config, workdir, run)
+      train_segmentation.train_run(config, workdir, run)
       seconds.append(time.perf_counter() - started)
       finals.append(evaluate.evaluate_run(config, workdir, run)["val"]["miou"])
       logs.append(report.read_jsonl(layout.metrics_path(workdir, run.name, ".jsonl")))

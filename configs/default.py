@@ -73,7 +73,7 @@ def get_config(arg=None):
   d.max_image_pixels = 0  # refuse larger source images (decompression bombs); 0: Pillow's limit
   d.patch_size = 256  # prepare tiles scenes into non-overlapping patches of this size
   d.patch_stride = 0  # 0: equal to patch_size
-  # Split roles (data/prepare.py): test is never used to choose anything. A download's labelled
+  # Split roles (data/splits.py): test is never used to choose anything. A download's labelled
   # test split is test; else its val split is (LoveDA, iSAID and OpenEarthMap withhold test
   # labels); else test_fraction of the train scenes. val is then val_fraction of the remaining
   # train scenes (or the download's val when test came from its test split). Whole scenes,
@@ -176,7 +176,7 @@ def get_config(arg=None):
   e.arms = ("raw", "curated")
   e.presence = "real"  # the conditioned arms' sampling plan (sample.presence values but "none")
 
-  # ---- curation: between sampling and segmenter training (curate.py, --mode=curate) ----
+  # ---- curation: between sampling and segmenter training (jobs/curate.py, --mode=curate) ----
   # A segmenter trained on real data only scores P x R x |D| sampled candidates: pixels whose
   # loss against the generated mask exceeds their class's threshold over the pool become no-data,
   # pairs whose masks the scorer mostly disagrees with are dropped, and R x |D| pairs are chosen

@@ -1,8 +1,11 @@
 """Every rule on every setting, checked before any job starts: a bad value fails in one line, not mid-run.
 
-`validate(config)` checks values, enums and cross-field rules without touching JAX;
+`validate(config)` checks values, enums and cross-field rules without starting JAX;
 `validate_devices(config, device_count)` checks that every global batch splits over the
 devices, once the (possibly multi-host) runtime is up. Library code trusts what passed here.
+The allowed values come from the modules that act on them (samplers from diffusion/sampling.py,
+architectures from models/, ...) and derived sizes from resolved.py; only main.py and the tests
+import this module.
 """
 
 from __future__ import annotations
@@ -10,24 +13,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from satsynth_jax import labels
-from satsynth_jax.errors import SatSynthError
-
-FORMATS = ("isaid", "loveda", "openearthmap", "folder", "demo")
-DTYPES = ("float32", "bfloat16")
-PREDICTIONS = ("eps", "x0", "v")
-LOSS_WEIGHTINGS = ("uniform", "min_snr")
-CONDITIONS = ("none", "presence")
-PRESENCE_PLANS = ("none", "real", "rare")
-SAMPLERS = ("ddpm", "ddim")
-ARCHITECTURES = ("fpn", "unet")
-OPTIMIZERS = ("adam", "adamw")
-SCHEDULES = ("constant", "poly", "cosine")
-GROUPNORM_GROUPS = 32  # the U-Net's GroupNorm (models/unet.py)
-
-
-class ConfigError(SatSynthError, ValueError):
-  """A config value no job can run with; the message names the key, the value and what is allowed."""
+from satsynth_jax import labels, models, presence, resolved
+from satsynth_jax.data import records, splits
+from satsynth_jax.data.sources import FORMATS
+from satsynth_jax.diffusion import guidance, sampling, schedule
+from satsynth_jax.infra.errors import ConfigError
+from satsynth_jax.metrics import curation
+from satsynth_jax.models import unet
+from satsynth_jax.train import optim
 
 
 def _require(ok: bool, key: str, value, why: str) -> None:
@@ -60,24 +53,12 @@ def _ints(key: str, value, low: int) -> None:
            f"must be a tuple of ints >= {low}")
 
 
-def ignore_value(num_classes: int) -> int:
-  """The no-data value masks store: 255 for uint8 masks (K <= 255), else 65535 (uint16)."""
-  return 255 if num_classes <= 255 else 65535
-
-
-def require_source(d) -> None:
-  """A download's folder: prepare reads it; every later job reads the prepared records (and their settings)."""
-  _require(d.format == "demo" or bool(d.source_dir), "data.source_dir", d.source_dir,
-           f"is empty: preparing the workdir's data reads the {d.format} download from it "
-           "(--config.data.source_dir=/path/to/it)")
-
-
 def _data(d, mode: str | None) -> None:
   k = d.num_classes
   _in_range("data.num_classes", k, 2, 65535)
   _one_of("data.format", d.format, FORMATS)
-  if mode == "prepare":  # the experiment asks only when its prepare stage still has to run (prepare.py)
-    require_source(d)
+  if mode == "prepare":  # the experiment asks only when its prepare stage still has to run (jobs/prepare.py)
+    splits.require_source(d)
   _require(len(d.class_names) == k and len(set(d.class_names)) == k, "data.class_names", d.class_names,
            f"needs {k} distinct names (data.num_classes)")
   _require(len(d.palette) == k, "data.palette", d.palette, f"needs {k} RGB colours (data.num_classes)")
@@ -87,8 +68,8 @@ def _data(d, mode: str | None) -> None:
   _one_of("data.mask_format", d.mask_format, ("index", "rgb"))
   _require(len(set(map(tuple, d.palette))) == k or d.mask_format != "rgb", "data.palette", d.palette,
            "RGB masks need a distinct colour per class")
-  _require(d.ignore_index == ignore_value(k), "data.ignore_index", d.ignore_index,
-           f"records store no-data as {ignore_value(k)} for {k} classes")
+  _require(d.ignore_index == records.ignore_value(k), "data.ignore_index", d.ignore_index,
+           f"records store no-data as {records.ignore_value(k)} for {k} classes")
   _in_range("data.background_index", d.background_index, -1, k - 1)
   _in_range("data.label_offset", d.label_offset, -65535, 65535)
   _ints("data.ignore_raw_values", d.ignore_raw_values, 0)
@@ -123,10 +104,10 @@ def _data(d, mode: str | None) -> None:
 def _train(key: str, t) -> None:
   _in_range(f"{key}.batch_size", t.batch_size, 1)
   _in_range(f"{key}.num_steps", t.num_steps, 1)
-  _one_of(f"{key}.optimizer", t.optimizer, OPTIMIZERS)
+  _one_of(f"{key}.optimizer", t.optimizer, optim.OPTIMIZERS)
   _in_range(f"{key}.lr", t.lr, integer=False)
   _require(t.lr > 0, f"{key}.lr", t.lr, "must be > 0")
-  _one_of(f"{key}.schedule", t.schedule, SCHEDULES)
+  _one_of(f"{key}.schedule", t.schedule, optim.SCHEDULES)
   _in_range(f"{key}.poly_power", t.poly_power, 0.0, integer=False)
   _in_range(f"{key}.weight_decay", t.weight_decay, 0.0, integer=False)
   _in_range(f"{key}.warmup_steps", t.warmup_steps, 0)
@@ -146,9 +127,9 @@ def _unet(key: str, m, image_size: int, size_key: str) -> None:
   _ints(f"{key}.ch_mult", m.ch_mult, 1)
   _require(len(m.ch_mult) >= 1, f"{key}.ch_mult", m.ch_mult, "needs at least one level")
   for mult in m.ch_mult:
-    _require(m.ch * mult % GROUPNORM_GROUPS == 0, f"{key}.ch", m.ch,
-             f"GroupNorm splits every width into {GROUPNORM_GROUPS} groups, so ch x each of "
-             f"{key}.ch_mult={tuple(m.ch_mult)} must be a multiple of {GROUPNORM_GROUPS}")
+    _require(m.ch * mult % unet.NUM_GROUPS == 0, f"{key}.ch", m.ch,
+             f"GroupNorm splits every width into {unet.NUM_GROUPS} groups, so ch x each of "
+             f"{key}.ch_mult={tuple(m.ch_mult)} must be a multiple of {unet.NUM_GROUPS}")
   _in_range(f"{key}.num_res_blocks", m.num_res_blocks, 1)
   _ints(f"{key}.attn_resolutions", m.attn_resolutions, 1)
   _in_range(f"{key}.dropout", m.dropout, 0.0, 0.99, integer=False)
@@ -161,7 +142,7 @@ def _unet(key: str, m, image_size: int, size_key: str) -> None:
 
 def validate(config, mode: str | None = None) -> None:
   """Raise ConfigError naming the first key whose value no job can run with."""
-  _one_of("dtype", config.dtype, DTYPES)
+  _one_of("dtype", config.dtype, unet.COMPUTE_DTYPES)
   _in_range("seed", config.seed, 0, 2**31 - 1)
   d = config.data
   _data(d, mode)
@@ -172,20 +153,20 @@ def validate(config, mode: str | None = None) -> None:
   _in_range("diffusion.beta_end", f.beta_end, 0.0, 1.0, integer=False)
   _require(0 < f.beta_start <= f.beta_end < 1, "diffusion.beta_end", f.beta_end,
            f"needs 0 < diffusion.beta_start={f.beta_start} <= beta_end < 1")
-  _one_of("diffusion.prediction", f.prediction, PREDICTIONS)
+  _one_of("diffusion.prediction", f.prediction, schedule.PREDICTIONS)
   _require(isinstance(f.joint_labels, bool), "diffusion.joint_labels", f.joint_labels, "must be True or False")
   _require(isinstance(f.self_condition, bool), "diffusion.self_condition", f.self_condition, "must be True or False")
-  _one_of("diffusion.loss_weighting", f.loss_weighting, LOSS_WEIGHTINGS)
+  _one_of("diffusion.loss_weighting", f.loss_weighting, schedule.LOSS_WEIGHTINGS)
   _in_range("diffusion.min_snr_gamma", f.min_snr_gamma, integer=False)
   _require(f.min_snr_gamma > 0, "diffusion.min_snr_gamma", f.min_snr_gamma, "must be > 0")
-  _one_of("diffusion.condition", f.condition, CONDITIONS)
+  _one_of("diffusion.condition", f.condition, guidance.CONDITIONS)
   _in_range("diffusion.condition_dropout", f.condition_dropout, 0.0, 0.99, integer=False)
   _unet("diffusion.model", f.model, d.image_size, "data.image_size")
   _train("diffusion.train", f.train)
 
   s = config.sample
   _in_range("sample.per_real", s.per_real, 0)
-  _one_of("sample.sampler", s.sampler, SAMPLERS)
+  _one_of("sample.sampler", s.sampler, sampling.SAMPLERS)
   _in_range("sample.ddim_steps", s.ddim_steps, 1, f.timesteps)
   _in_range("sample.ddim_eta", s.ddim_eta, 0.0, integer=False)
   _in_range("sample.batch_size", s.batch_size, 1)
@@ -193,7 +174,7 @@ def validate(config, mode: str | None = None) -> None:
   _in_range("sample.examples_per_shard", s.examples_per_shard, 1)
   _require(isinstance(s.super_resolve, bool), "sample.super_resolve", s.super_resolve, "must be True or False")
   _in_range("sample.sr_checkpoint_step", s.sr_checkpoint_step, -1)
-  _one_of("sample.presence", s.presence, PRESENCE_PLANS)
+  _one_of("sample.presence", s.presence, presence.PLANS)
   _require(isinstance(s.require_classes, (tuple, list)) and all(c in d.class_names for c in s.require_classes),
            "sample.require_classes", s.require_classes, f"must be a tuple of class names from {tuple(d.class_names)}")
   _in_range("sample.guidance", s.guidance, 0.0, integer=False)
@@ -213,7 +194,7 @@ def validate(config, mode: str | None = None) -> None:
   _train("sr.train", r.train)
 
   g = config.segmentation
-  _one_of("segmentation.architecture", g.architecture, ARCHITECTURES)
+  _one_of("segmentation.architecture", g.architecture, tuple(models.SEGMENTERS))
   _require(g.image_size == 0 or (_int(g.image_size) and g.image_size >= 8), "segmentation.image_size", g.image_size,
            "must be 0 (data.image_size) or an int >= 8")
   _require(isinstance(g.resize_synthetic, bool), "segmentation.resize_synthetic", g.resize_synthetic,
@@ -237,12 +218,20 @@ def validate(config, mode: str | None = None) -> None:
   _in_range("experiment.seeds", e.seeds, 1)
   _in_range("experiment.flat_within", e.flat_within, 0.0, 1.0, integer=False)
   _require(isinstance(e.arms, (tuple, list)) and len(e.arms) >= 1 and len(set(e.arms)) == len(e.arms)
-           and all(kind in ARM_KINDS for kind in e.arms), "experiment.arms", e.arms,
-           f"must be distinct arms from {ARM_KINDS} (D, real only, always runs)")
-  _one_of("experiment.presence", e.presence, PRESENCE_PLANS[1:])
+           and all(kind in resolved.ARM_KINDS for kind in e.arms), "experiment.arms", e.arms,
+           f"must be distinct arms from {resolved.ARM_KINDS} (D, real only, always runs)")
+  _one_of("experiment.presence", e.presence, presence.PLANS[1:])
   conditioned_arms = [kind for kind in e.arms if kind.startswith("conditioned")]
   _require(not conditioned_arms or f.condition == "presence", "experiment.arms", e.arms,
            f"{conditioned_arms} need a class-presence conditioned G: set diffusion.condition=presence")
+  one_folder = mode == "experiment" and bool(d.synthetic_dir)  # every set the experiment samples goes there
+  _require(not one_folder or not conditioned_arms or len(conditioned_arms) == len(e.arms),
+           "data.synthetic_dir", d.synthetic_dir,
+           f"names one folder, but experiment.arms={tuple(e.arms)} samples an unconditional and a conditioned set; "
+           "leave it unset (the sets go under the workdir) or keep arms of one kind")
+  _require(not one_folder or not e.image_only_baseline, "data.synthetic_dir", d.synthetic_dir,
+           "names one folder, but experiment.image_only_baseline=True samples a second set (the image-only G's); "
+           "leave it unset (the sets go under the workdir)")
   _require(config.curation.enabled or not any(kind.endswith("curated") for kind in e.arms), "curation.enabled",
            config.curation.enabled, f"is False but experiment.arms={tuple(e.arms)} curates: drop the curated arms")
   _require(isinstance(e.ratios, (tuple, list)) and all(_int(r) and 1 <= r <= s.per_real for r in e.ratios)
@@ -250,8 +239,8 @@ def validate(config, mode: str | None = None) -> None:
            f"must be distinct ints in [1, sample.per_real={s.per_real}] (the set's first R x |D| pairs)")
   if mode == "experiment":
     _require(s.per_real >= 1, "sample.per_real", s.per_real, "the experiment compares D with D u D', so R >= 1")
-    synthetic_size = r.image_size if s.super_resolve else d.image_size
-    _require((g.image_size or d.image_size) == synthetic_size or g.resize_synthetic, "segmentation.image_size",
+    synthetic_size = resolved.synthetic_size(config)
+    _require(resolved.segmenter_size(config) == synthetic_size or g.resize_synthetic, "segmentation.image_size",
              g.image_size,
              f"the experiment's synthetic pairs are {synthetic_size} px "
              f"({'sr.image_size' if s.super_resolve else 'data.image_size'}); set segmentation.image_size="
@@ -262,25 +251,19 @@ def validate(config, mode: str | None = None) -> None:
   _curation(config, mode)
 
 
-# ---- curation (curate.py): the stage between sampling and segmenter training ----
-CURATION_SCORERS = ("real_only", "metric_encoder")
-ARM_KINDS = ("raw", "curated", "conditioned", "conditioned_curated")  # experiment.arms
-CURATION_SELECTIONS = ("hard_rare", "uniform")
-
-
+# ---- curation (jobs/curate.py): the stage between sampling and segmenter training ----
 def _curation(config, mode: str | None = None) -> None:
   """curation.*; for --mode=curate (and the experiment with curation.enabled) the pool must be scorable whole."""
   u, d, s = config.curation, config.data, config.sample
   _require(isinstance(u.enabled, bool), "curation.enabled", u.enabled, "must be True or False")
   _in_range("curation.pool_factor", u.pool_factor, 1)
-  _one_of("curation.scorer", u.scorer, CURATION_SCORERS)
+  _one_of("curation.scorer", u.scorer, tuple(resolved.CURATION_SCORERS))
   _in_range("curation.pixel_tolerance", u.pixel_tolerance, 0.0, integer=False)
   _in_range("curation.min_fidelity", u.min_fidelity, 0.0, 1.0, integer=False)
-  _one_of("curation.selection", u.selection, CURATION_SELECTIONS)
+  _one_of("curation.selection", u.selection, curation.SELECTIONS)
   if mode == "curate" or (mode == "experiment" and u.enabled):
     _require(s.per_real >= 1, "sample.per_real", s.per_real, "curation keeps R x |D| pairs, so R >= 1")
-    pool_size = config.sr.image_size if s.super_resolve else d.image_size
-    seen = config.segmentation.image_size or d.image_size
+    pool_size, seen = resolved.synthetic_size(config), resolved.segmenter_size(config)
     # A centre crop would leave the rest of each pair unscored; a resize maps the verdict back.
     _require(d.resize == "resize" or seen == pool_size, "data.resize", d.resize,
              f"curation scores whole pairs, but crops of {seen} px from the {pool_size} px pool would leave "

@@ -4,8 +4,8 @@ G is the joint image+mask DDPM: its U-Net sees concat(image, label code) in [-1,
 (labels.encode_pair). G_SR is the same U-Net at `sr.image_size`, conditioned at every step
 on G's pair upsampled (diffusion/conditioning.py); the cascade is (x, y) = G_SR(z1, G(z0)).
 Both share `config.diffusion`'s noise schedule and prediction target. Inference restores
-only the EMA weights a checkpoint stores for it (checkpoint.py), never an optimizer, and
-builds the model from the config recorded beside the run (identity.py), so sampling needs
+only the EMA weights a checkpoint stores for it (infra/checkpoint.py), never an optimizer, and
+builds the model from the config recorded beside the run (infra/identity.py), so sampling needs
 none of the overrides the model was trained with.
 
 Run names carry the paper's ablation axes and G's conditioning, so Table 1 and Table 3 live
@@ -30,13 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from satsynth_jax import checkpoint, identity, labels, parallel, resolved, viz, workdir as layout
-from satsynth_jax.config_check import ConfigError
-from satsynth_jax.data import prepare
+from satsynth_jax import labels, resolved
+from satsynth_jax.data import splits
 from satsynth_jax.diffusion import conditioning, guidance, sampling, schedule
+from satsynth_jax.infra import checkpoint, identity, parallel, viz, workdir as layout
 from satsynth_jax.models.unet import UNet, unet_from_config
 
-SAMPLERS = ("ddpm", "ddim")
 # Settings that shape G (and, with the SR ones, G_SR): a run made with other values is refused.
 G_SHAPING = ("seed", "dtype", "data.augment", "data.resize", "data.num_classes", "data.ignore_index",
              "data.label_encoding", "data.no_data_code",
@@ -57,7 +56,7 @@ def train_shaping(config, section: str) -> dict:
 
 
 def g_shaping(config, workdir=None) -> dict:
-  """The settings that shape G; with `workdir`, also what its prepared train split is (prepare.data_identity)."""
+  """The settings that shape G; with `workdir`, also what its prepared train split is (splits.data_identity)."""
   return {**identity.select(config, G_SHAPING), **train_shaping(config, "diffusion.train"), **data_shaping(workdir)}
 
 
@@ -67,9 +66,9 @@ def sr_shaping(config, workdir=None) -> dict:
 
 
 def data_shaping(workdir) -> dict:
-  """The identity of the workdir's prepared train split (prepare.data_identity); {} for the settings alone
+  """The identity of the workdir's prepared train split (splits.data_identity); {} for the settings alone
   (workdir None, e.g. a set's record of its generator's settings)."""
-  return prepare.data_identity(workdir) if workdir is not None else {}
+  return splits.data_identity(workdir) if workdir is not None else {}
 
 
 def no_data_index(config) -> int | None:
@@ -121,17 +120,6 @@ def init_params(model: UNet, size: int, channels: int, rng: jax.Array, *, condit
   return model.init(rng, x, jnp.zeros((1,), jnp.int32), cond=x if conditional else None)["params"]
 
 
-def _sample(denoise, sched, shape, rng, *, sampler: str, ddim_steps: int, ddim_eta: float, prediction: str,
-            self_condition: bool, sharding):
-  """The one sampler dispatch: ancestral DDPM over all T steps, or DDIM over `ddim_steps`."""
-  common = dict(prediction=prediction, self_condition=self_condition, sharding=sharding)
-  if sampler == "ddpm":
-    return sampling.sample_ddpm(denoise, sched, shape, rng, **common)
-  if sampler == "ddim":
-    return sampling.sample_ddim(denoise, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta, **common)
-  raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
-
-
 def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_steps: int = 50,
                      ddim_eta: float = 0.0, guidance_scale: float = 0.0):
   """Jitted (params, rng[, presence]) -> G's joint samples [num, s, s, C] in [-1, 1], batch-sharded on `mesh`.
@@ -143,11 +131,9 @@ def make_generate_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
   size = config.data.image_size
   shape = (num, size, size, joint_channels(config))
   sharding = parallel.batch_sharding(mesh)
-  run = functools.partial(_sample, sched=make_schedule(config), shape=shape, sampler=sampler,
+  run = functools.partial(sampling.sample, sched=make_schedule(config), shape=shape, sampler=sampler,
                           ddim_steps=ddim_steps, ddim_eta=ddim_eta, prediction=config.diffusion.prediction,
                           self_condition=config.diffusion.self_condition, sharding=sharding)
-  if sampler not in SAMPLERS:
-    raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
   apply = apply_fn(model)
 
   def generate(params, rng, presence=None):
@@ -174,12 +160,10 @@ def make_upsample_fn(config, model: UNet, mesh, num: int, *, sampler: str, ddim_
   channels = joint_channels(config)
   size = config.sr.image_size
   sharding = parallel.batch_sharding(mesh)
-  run = functools.partial(_sample, sched=make_schedule(config), shape=(num, size, size, channels),
+  run = functools.partial(sampling.sample, sched=make_schedule(config), shape=(num, size, size, channels),
                           sampler=sampler, ddim_steps=ddim_steps, ddim_eta=ddim_eta,
                           prediction=config.diffusion.prediction, self_condition=config.diffusion.self_condition,
                           sharding=sharding)
-  if sampler not in SAMPLERS:
-    raise ConfigError(f"config.sample.sampler={sampler!r}: must be one of {SAMPLERS}")
 
   def upsample(params, rng, low_res_joint):
     expected = (num, d.image_size, d.image_size, channels)
@@ -226,7 +210,7 @@ def trained_config(config, workdir, run: str):
   recorded = identity.read_existing(directory, f"checkpoints of run {run!r}")
   if recorded is None:
     return config
-  identity.compare(directory, prepare.made_from(recorded["shaping"]), prepare.data_identity(workdir),
+  identity.compare(directory, splits.made_from(recorded["shaping"]), splits.data_identity(workdir),
                    f"run {run!r}", f"it was trained on other prepared data: retrain it (delete {directory}), or "
                    "use the workdir it was trained in")
   return identity.recorded_config(directory)
@@ -246,23 +230,22 @@ def _missing_hint(workdir, run: str, mode: str) -> str:
 
 def restore_g(config, workdir, mesh, step: int | None = None):
   """(G's trained config, model, EMA params replicated on `mesh`, checkpoint step); step None/-1: latest."""
-  run = resolved.g_run(config)
-  config = trained_config(config, workdir, run)
-  model = build_g(config)
-  abstract = {"params": jax.eval_shape(functools.partial(
-      init_params, model, config.data.image_size, joint_channels(config)), jax.random.key(0))}
-  variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run), abstract, mesh, step,
-                                                 hint=_missing_hint(workdir, run, "train_diffusion"))
-  return config, model, variables["params"], step
+  return _restore(config, workdir, mesh, step, run=resolved.g_run(config), mode="train_diffusion", build=build_g,
+                  size=lambda trained: trained.data.image_size, conditional=False)
 
 
 def restore_sr(config, workdir, mesh, step: int | None = None):
   """(G_SR's trained config, model, EMA params replicated on `mesh`, checkpoint step)."""
-  run = resolved.sr_run(config)
+  return _restore(config, workdir, mesh, step, run=resolved.sr_run(config), mode="train_sr", build=build_sr,
+                  size=lambda trained: trained.sr.image_size, conditional=True)
+
+
+def _restore(config, workdir, mesh, step, *, run: str, mode: str, build, size, conditional: bool):
+  """Build run `run` from the config it was trained with and restore its EMA params (`mode` trains it)."""
   config = trained_config(config, workdir, run)
-  model = build_sr(config)
+  model = build(config)
   abstract = {"params": jax.eval_shape(functools.partial(
-      init_params, model, config.sr.image_size, joint_channels(config), conditional=True), jax.random.key(0))}
+      init_params, model, size(config), joint_channels(config), conditional=conditional), jax.random.key(0))}
   variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run), abstract, mesh, step,
-                                                 hint=_missing_hint(workdir, run, "train_sr"))
+                                                 hint=_missing_hint(workdir, run, mode))
   return config, model, variables["params"], step

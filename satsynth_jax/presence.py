@@ -1,7 +1,8 @@
 """Sampling plans for a class-presence conditioned G: which classes each synthetic pair asks for.
 
 A plan turns the real train split's presence vectors (labels.presence of each pair, as G saw
-it: at data.image_size) into one request per synthetic pair, in the order the set is written:
+it: at data.image_size; jobs/sample.py reads them) into one request per synthetic pair, in the
+order the set is written:
 
   none   no request: G samples unconditionally (the paper's D').
   real   row j asks for the classes of real pair j mod |D|: every pair R times, so the first
@@ -20,20 +21,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from satsynth_jax import labels
-from satsynth_jax.data import pipeline, records
-
 PLANS = ("none", "real", "rare")
 REQUESTS_FILE = "requested_presence.npy"
 _RARE_STREAM = 0x9A5E  # seed stream of the "rare" draw
-
-
-def train_vectors(config, record_dir) -> np.ndarray:
-  """uint8 [N, K]: the classes each real pair of `record_dir` holds at data.image_size (in record order)."""
-  source = pipeline.open_records(record_dir, config)
-  pairs = pipeline.pairs(source, config, seed=config.seed, train=False, process_index=0, process_count=1)
-  k = config.data.num_classes
-  return np.stack([labels.presence(pairs[i]["mask"], k) for i in range(len(pairs))]).astype(np.uint8)
 
 
 def rare_probabilities(vectors: np.ndarray, class_pixels) -> np.ndarray:
@@ -68,13 +58,3 @@ def plan_vectors(plan: str, vectors: np.ndarray, count: int, *, class_pixels, re
   rows = rows.copy()
   rows[:, list(require)] = 1
   return rows
-
-
-def requests_for(config, gconfig, train_dir, count: int) -> np.ndarray | None:
-  """The requests of config.sample's plan for `count` pairs of G (trained with `gconfig`); None: unconditional."""
-  s = config.sample
-  if s.presence == "none" or gconfig.diffusion.condition != "presence":
-    return None
-  manifest = records.read_manifest(train_dir)
-  return plan_vectors(s.presence, train_vectors(gconfig, train_dir), count, class_pixels=manifest["class_pixels"],
-                      require=class_indices(gconfig.data.class_names, s.require_classes), seed=config.seed)

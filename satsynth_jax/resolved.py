@@ -1,19 +1,23 @@
 """Every value derived from the config, worked out in one place: run names, set names and folders, sizes.
 
 Jobs and inference ask these functions and never re-derive a value from raw settings, so two
-modules cannot disagree on where a set lives or what size a segmenter sees (vdm resolves its
-model section once the same way).
+modules cannot disagree on where a set lives, what a run is called or what size a segmenter
+sees (vdm resolves its model section once the same way). Nothing here reads the workdir.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 import re
 
-from satsynth_jax import workdir as layout
+from satsynth_jax.infra import workdir as layout
 
 CURATED_SUFFIX = "_curated"
+METRIC_ENCODER = "metric_encoder"  # the metric encoder's run name
 
+
+# ---- sizes ----
 
 def segmenter_size(config) -> int:
   """The segmenter's input size: segmentation.image_size, or data.image_size when that is 0."""
@@ -29,6 +33,8 @@ def pool_factor(config) -> int:
   """P: candidates sampled per pair a set keeps (curation.pool_factor when curation is on, else 1)."""
   return config.curation.pool_factor if config.curation.enabled else 1
 
+
+# ---- the generator's runs ----
 
 def conditioned(config) -> bool:
   """G takes class-presence vectors (diffusion.condition="presence"; never the image-only baseline)."""
@@ -55,6 +61,8 @@ def sr_run(config) -> str:
   return "super_resolution" + _ablation_suffix(config)
 
 
+# ---- synthetic sets ----
+
 def presence_plan_name(config) -> str:
   """The sampling plan's part of a set name: "" (unconditional), "real", "rare_w2" (guidance 2),
   "real-vehicle" (every pair also asks for vehicle), ..."""
@@ -66,7 +74,11 @@ def presence_plan_name(config) -> str:
 
 
 def synthetic_set(config) -> str:
-  """The set `--mode=sample` writes: G's run, its presence plan, and "_cascade" when G_SR upsamples it."""
+  """The name of the set `--mode=sample` writes: data.synthetic_dir's folder name when that is set, else
+  G's run, its presence plan, and "_cascade" when G_SR upsamples it. Segmenter runs and score files
+  are named after it."""
+  if config.data.synthetic_dir:
+    return pathlib.Path(config.data.synthetic_dir).name
   plan = presence_plan_name(config)
   return g_run(config) + (f"_{plan}" if plan else "") + ("_cascade" if config.sample.super_resolve else "")
 
@@ -84,3 +96,75 @@ def curated_set(config) -> str:
 
 def curated_dir(config, workdir) -> pathlib.Path:
   return layout.synthetic_dir(workdir, curated_set(config))
+
+
+# ---- segmenter runs ----
+
+@dataclasses.dataclass(frozen=True)
+class SegmenterRun:
+  """One trained segmenter with its own checkpoint folder `name`: an experiment arm (real only, R = 0, or
+  real + synthetic, R > 0) or the metric encoder. Training and inference both start from it, so no job
+  forges a config.
+
+  Names: "<architecture>_r0_s<seed>" on real data, "<architecture>_r<R>_<synthetic set>_s<seed>" with
+  synthetic pairs, so arms trained on different sets (x0 or one-hot generators, a curated set) live
+  side by side; "metric_encoder" for the metric network.
+  """
+  name: str
+  architecture: str
+  synthetic_ratio: int
+  seed: int
+  synthetic_set: str | None = None  # the synthetic set's name when R > 0
+
+  @classmethod
+  def from_config(cls, config) -> "SegmenterRun":
+    """The run `--mode=train_segmentation` / `--mode=evaluate` work on (data.synthetic_ratio, seed)."""
+    return cls.arm(config, config.data.synthetic_ratio, config.seed, synthetic_set(config))
+
+  @classmethod
+  def arm(cls, config, synthetic_ratio: int, seed: int, synthetic_set: str | None) -> "SegmenterRun":
+    """The segmenter run of one experiment arm (R, set) and seed."""
+    architecture = config.segmentation.architecture
+    if synthetic_ratio == 0:
+      return cls(f"{architecture}_r0_s{seed}", architecture, 0, seed)
+    return cls(f"{architecture}_r{synthetic_ratio}_{synthetic_set}_s{seed}", architecture, synthetic_ratio, seed,
+               synthetic_set)
+
+  @classmethod
+  def metric_encoder(cls, config) -> "SegmenterRun":
+    """The paper's ResNet-50 U-Net segmenter on real data only: the FID/sFID/IS feature network."""
+    return cls(METRIC_ENCODER, "unet", 0, config.seed)
+
+
+# curation.scorer: the segmenter trained on real data only that scores a pool.
+CURATION_SCORERS = {"real_only": lambda config: SegmenterRun.arm(config, 0, config.seed, None),
+                    "metric_encoder": SegmenterRun.metric_encoder}
+
+
+def curation_scorer(config) -> SegmenterRun:
+  """The run curation.scorer names: the experiment's R=0 run of seed `seed`, or the metric encoder."""
+  return CURATION_SCORERS[config.curation.scorer](config)
+
+
+# ---- the experiment's arms ----
+
+# experiment.arms: D u the unconditional set (D') or the class-presence conditioned one, as sampled
+# or curated; D (real only) always runs.
+ARM_KINDS = ("raw", "curated", "conditioned", "conditioned_curated")
+
+
+def arm_ratios(config) -> tuple[int, ...]:
+  """The R of each raw D u D' arm: experiment.ratios, or just sample.per_real."""
+  return tuple(config.experiment.ratios) or (config.sample.per_real,)
+
+
+def experiment_set(config, *, conditioned: bool):
+  """The config that samples (and curates) one of the experiment's sets from its one G: the unconditional
+  set (sample.presence none: the paper's D') or the conditioned one (experiment.presence's plan). Each is a
+  pool (curation.enabled) exactly when one of experiment.arms curates it."""
+  out = config.copy_and_resolve_references()
+  kinds = config.experiment.arms
+  with out.unlocked():
+    out.sample.presence = config.experiment.presence if conditioned else "none"
+    out.curation.enabled = ("conditioned_curated" if conditioned else "curated") in kinds
+  return out

@@ -11,9 +11,9 @@ import sys
 # CLI subprocess gets it; the CLI itself keeps XLA's default.
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}")
-from satsynth_jax import host_devices  # noqa: E402  (imports no jax)
+from satsynth_jax.infra import host_devices  # noqa: E402  (imports no jax)
 if host_devices.jaxlib_version() >= host_devices.CONV_FLAG_SINCE and "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {host_devices.CONV_FLAG}"  # the convolutions the CLI runs (host_devices.py)
+  os.environ["XLA_FLAGS"] += f" {host_devices.CONV_FLAG}"  # the convolutions the CLI runs (infra/host_devices.py)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and their CLI subprocesses) compile the same small models: share the work.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/satsynth_jax_test_xla_cache")
@@ -35,6 +35,39 @@ TINY_G = {
     "diffusion.model.attn_resolutions": (), "diffusion.timesteps": 50, "data.image_size": 8,
     "data.patch_size": 32, "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.read_threads": 1,
     "diffusion.train.batch_size": 8,
+}
+# That G trained for 4 steps (checkpoints at 2 and 4) and sampled by DDIM in 2 steps: the training,
+# resume, sampling and failure flows.
+TINY_G_RUN = {
+    **TINY_G, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 2, "diffusion.train.log_every": 2,
+    "diffusion.train.checkpoint_every": 2, "diffusion.train.sample_every": 0, "sample.per_real": 1,
+    "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 4,
+}
+# One 32 px demo scene per split cut into 16 px patches (4 train, 8 val, 16 test) and the smallest
+# segmenter: the U-Net head on a ResNet of one block per stage.
+TINY_SEGMENTER = {
+    "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
+    "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
+}
+# That segmenter trained for 30 steps (checkpoints at 15 and 30) at ResNet-50's widths, the ones
+# torchvision weights fit. Its head classifies at full resolution, so it fits the 4 train patches in
+# few steps (the FPN's logits are at stride 4); with a constant schedule every run, whatever its
+# num_steps, compiles the same train step.
+TINY_SEGMENTER_RUN = {
+    **TINY_SEGMENTER, "data.augment": False, "data.read_threads": 2, "segmentation.base_width": 64,
+    "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 30, "segmentation.train.lr": 3e-3,
+    "segmentation.train.schedule": "constant", "segmentation.train.warmup_steps": 0,
+    "segmentation.train.log_every": 10, "segmentation.train.checkpoint_every": 15,
+    "segmentation.eval_batch_size": 4,
+}
+# The smallest whole experiment, G, its set and the segmenter arms at 16 px; each test sets the data,
+# the run lengths and which stages run.
+TINY_EXPERIMENT = {
+    "data.image_size": 16, "diffusion.model.ch_mult": (1,), "diffusion.model.attn_resolutions": (),
+    "diffusion.timesteps": 50, "diffusion.train.batch_size": 8, "diffusion.train.warmup_steps": 1,
+    "diffusion.train.sample_every": 0, "sample.per_real": 1, "sample.batch_size": 8, "sample.examples_per_shard": 8,
+    "segmentation.architecture": "unet", "segmentation.train.batch_size": 4, "segmentation.train.warmup_steps": 1,
+    "segmentation.eval_batch_size": 8,
 }
 
 
@@ -63,6 +96,16 @@ def load_config(name: str, **overrides):
   return config
 
 
+def prepared_demo(tmp_path_factory, name: str, overrides: dict):
+  """(the demo config with `overrides`, a fresh workdir `name` holding its prepared splits)."""
+  from satsynth_jax.jobs import prepare  # noqa: PLC0415  (after the environment above is set)
+
+  workdir = str(tmp_path_factory.mktemp(name))
+  config = load_config("demo", **overrides)
+  prepare.run(config, workdir)
+  return config, workdir
+
+
 def config_flag(key: str, value) -> str:
   """A command-line override: config_flag("diffusion.model.ch_mult", (1, 2)) -> "--config.diffusion.model.ch_mult=(1,2)"."""
   if isinstance(value, tuple):
@@ -72,7 +115,7 @@ def config_flag(key: str, value) -> str:
 
 def cpu_env(devices: int, **more) -> dict:
   """This environment with `devices` forced CPU devices and the suite's XLA flags, for a subprocess
-  (the CLI adds its own CPU flags, host_devices.py)."""
+  (the CLI adds its own CPU flags, infra/host_devices.py)."""
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}", **more}
 
 
@@ -88,3 +131,10 @@ def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout:
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
+
+
+@pytest.fixture(scope="module")
+def segmenter_cli():
+  """segmenter_cli(mode, workdir, overrides=None) runs the CLI (run_main) on TINY_SEGMENTER_RUN + overrides;
+  returns stdout."""
+  return lambda mode, workdir, overrides=None: run_main(mode, workdir, {**TINY_SEGMENTER_RUN, **(overrides or {})})

@@ -1,13 +1,17 @@
-"""Dependencies point down (DESIGN.md): inference never reaches training code, no module joins workdir paths."""
+"""The layout tells jobs from infrastructure and dependencies point down (DESIGN.md): jobs use inference,
+training, data, models, maths and infra; inference never reaches training or jobs; no module joins
+workdir paths but infra/workdir.py; only main.py reads config_check."""
 
 import ast
 import pathlib
 
 import pytest
 
+from satsynth_jax.main import MODES
+
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "satsynth_jax"
-INFERENCE = ("generator.py", "segmenter.py", "sample.py", "sample_quality.py", "evaluate.py", "report.py",
-             "curate.py", "export.py")
+JOBS, TRAIN, INFRA = "satsynth_jax.jobs", "satsynth_jax.train", "satsynth_jax.infra"
+INFERENCE = ("generator.py", "segmenter.py")
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -22,22 +26,49 @@ def _imports(path: pathlib.Path) -> set[str]:
   return {name for name in names if name.startswith("satsynth_jax")}
 
 
+def _importing(path: pathlib.Path, *prefixes: str) -> set[str]:
+  return {name for name in _imports(path) if any(name == p or name.startswith(p + ".") for p in prefixes)}
+
+
+def test_every_mode_is_one_module_of_jobs():
+  assert {target.split(":")[0] for target in MODES.values()} <= {
+      f"{JOBS}.{path.stem}" for path in (PACKAGE / "jobs").glob("*.py")}
+
+
 @pytest.mark.parametrize("module", INFERENCE)
-def test_inference_jobs_import_nothing_from_train(module):
-  assert not {name for name in _imports(PACKAGE / module) if name.startswith("satsynth_jax.train")}
+def test_inference_imports_nothing_from_train_or_jobs(module):
+  assert not _importing(PACKAGE / module, TRAIN, JOBS)
 
 
-def test_models_and_maths_import_no_jobs():
-  jobs = {"satsynth_jax.train", "satsynth_jax.sample", "satsynth_jax.experiment", "satsynth_jax.evaluate"}
-  for folder in ("models", "metrics", "diffusion"):
-    for path in (PACKAGE / folder).glob("*.py"):
-      assert not {n for n in _imports(path) if any(n.startswith(j) for j in jobs)}, path
+def test_training_imports_no_job():
+  for path in (PACKAGE / "train").glob("*.py"):
+    assert not _importing(path, JOBS), path
+
+
+def test_models_data_and_maths_import_no_jobs_training_or_inference():
+  above = (JOBS, TRAIN, "satsynth_jax.generator", "satsynth_jax.segmenter", "satsynth_jax.config_check")
+  for folder in ("models", "metrics", "diffusion", "data"):
+    for path in (PACKAGE / folder).rglob("*.py"):
+      assert not _importing(path, *above), path
+
+
+def test_infrastructure_imports_no_jobs_training_models_or_inference():
+  above = (JOBS, TRAIN, "satsynth_jax.models", "satsynth_jax.generator", "satsynth_jax.segmenter",
+           "satsynth_jax.config_check")
+  for path in (PACKAGE / "infra").glob("*.py"):
+    assert not _importing(path, *above), path
+
+
+def test_only_main_reads_config_check():
+  for path in PACKAGE.rglob("*.py"):
+    if path.name not in ("main.py", "config_check.py"):
+      assert not _importing(path, "satsynth_jax.config_check"), path
 
 
 def test_only_the_workdir_module_names_workdir_subfolders():
   # The layout's folder names appear as path components nowhere else in the package.
   for path in PACKAGE.rglob("*.py"):
-    if path.name == "workdir.py":
+    if path.relative_to(PACKAGE) == pathlib.Path("infra", "workdir.py"):
       continue
     lines = path.read_text().splitlines()
     for folder in ("data", "checkpoints", "synthetic", "metrics", "report", "samples", "export"):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from satsynth_jax import atomic
+from satsynth_jax.infra import atomic
 
 
 def test_write_replaces_whole_and_leaves_no_temp_files(tmp_path):

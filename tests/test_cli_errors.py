@@ -8,7 +8,6 @@ wording in detail; these check that the CLI turns them into that one line.
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,8 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO, config_flag, cpu_env, load_config
-from satsynth_jax import checkpoint, workdir as layout
-from satsynth_jax.data import prepare
+from satsynth_jax.infra import checkpoint, workdir as layout
+from satsynth_jax.jobs import prepare
 from test_reliability import RUN, TINY, cli, error_line
 from test_sources import save
 

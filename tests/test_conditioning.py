@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 
-from conftest import TINY_G, load_config
-from satsynth_jax import checkpoint, config_check, labels, presence, resolved, sample, sample_quality
-from satsynth_jax import workdir as layout
-from satsynth_jax.data import prepare, records
-from satsynth_jax.train import diffusion
+from conftest import TINY_G, prepared_demo
+from satsynth_jax import config_check, labels, presence, resolved
+from satsynth_jax.data import records
+from satsynth_jax.infra import checkpoint, workdir as layout
+from satsynth_jax.jobs import sample, sample_quality, train_diffusion
 
 ASKED = "water"
 # 600 steps on the 8 train pairs of TINY_G's two scenes (3 hold water): about 30 s on 2 cores.
@@ -35,10 +35,8 @@ def _masks(directory) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def conditioned(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("conditioned"))
-  config = load_config("demo", **TINY)
-  prepare.run(config, workdir)
-  diffusion.run(config, workdir)
+  config, workdir = prepared_demo(tmp_path_factory, "conditioned", TINY)
+  train_diffusion.run(config, workdir)
   return config, workdir
 
 
@@ -46,7 +44,7 @@ def test_a_conditioned_g_draws_a_requested_class_more_often_than_unconditioned(c
   config, workdir = conditioned
   water = list(config.data.class_names).index(ASKED)
   real = records.read_manifest(layout.data_dir(workdir, "train"))
-  assert 0 < presence.train_vectors(config, layout.data_dir(workdir, "train"))[:, water].mean() < 0.75
+  assert 0 < sample.train_vectors(config, layout.data_dir(workdir, "train"))[:, water].mean() < 0.75
   assert real["num_examples"] == 8
   unconditional = config.copy_and_resolve_references()
   asked = config.copy_and_resolve_references()

@@ -13,11 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import load_config
-from satsynth_jax import checkpoint, config_check, curate, identity, resolved, segmenter, workdir as layout
-from satsynth_jax.data import prepare, records
+from conftest import TINY_SEGMENTER_RUN, load_config, prepared_demo
+from satsynth_jax import config_check, resolved, segmenter
+from satsynth_jax.data import records
+from satsynth_jax.infra import checkpoint, identity, workdir as layout
+from satsynth_jax.jobs import curate
+from satsynth_jax.metrics import curation
 from satsynth_jax.train import segmentation
-from test_train_segmentation import TINY, random_variables
+from test_train_segmentation import random_variables
 
 K = 6  # the demo's classes
 IGNORE = 255
@@ -49,18 +52,18 @@ def _hand_built_pool():
 
 def test_pixel_filter_ignores_exactly_the_wrong_region():
   logits, masks, region = _hand_built_pool()
-  loss, pred = jax.device_get(curate.pixel_losses(jnp.asarray(logits), jnp.asarray(masks), IGNORE))
+  loss, pred = jax.device_get(curation.pixel_losses(jnp.asarray(logits), jnp.asarray(masks), IGNORE))
   assert np.all(loss[masks == IGNORE] == 0) and np.array_equal(pred, logits.argmax(-1))
-  moments = curate.class_loss_moments(loss, masks, K, IGNORE)
+  moments = curation.class_loss_moments(loss, masks, K, IGNORE)
   assert moments[0].sum() == (masks != IGNORE).sum()
-  thresholds = curate.class_thresholds(moments, tolerance=1.0)
+  thresholds = curation.class_thresholds(moments, tolerance=1.0)
   assert np.isinf(thresholds[5])  # no pool pixel of class 5: nothing to filter
-  keep = curate.keep_mask(loss, masks, thresholds, IGNORE)
+  keep = curation.keep_mask(loss, masks, thresholds, IGNORE)
   np.testing.assert_array_equal(~keep & (masks != IGNORE), region)
   assert not keep[masks == IGNORE].any()
   # Mapped back to 16 px records (the scorer saw 8 px): the square becomes the 4x4 it came from.
   record_mask = np.repeat(np.repeat(masks[2], 2, 0), 2, 1).astype(np.uint8)
-  filtered = curate.filtered_mask(record_mask, keep[2], IGNORE)
+  filtered = curation.filtered_mask(record_mask, keep[2], IGNORE)
   expected = record_mask.copy()
   expected[4:8, 4:8] = IGNORE
   np.testing.assert_array_equal(filtered, expected)
@@ -69,15 +72,15 @@ def test_pixel_filter_ignores_exactly_the_wrong_region():
 def test_thresholds_are_mean_plus_tolerance_std_per_class():
   loss = np.array([[[1.0, 3.0, 10.0, 10.0]]])
   mask = np.array([[[0, 0, 1, IGNORE]]])
-  moments = curate.class_loss_moments(loss, mask, 3, IGNORE)
+  moments = curation.class_loss_moments(loss, mask, 3, IGNORE)
   np.testing.assert_allclose(moments, [[2, 1, 0], [4, 10, 0], [10, 100, 0]])
-  thresholds = curate.class_thresholds(moments, tolerance=0.5)
+  thresholds = curation.class_thresholds(moments, tolerance=0.5)
   np.testing.assert_allclose(thresholds[:2], [2.0 + 0.5 * 1.0, 10.0], rtol=1e-5)
   assert np.isinf(thresholds[2])
   # Equal losses never fall above their own mean by rounding.
   same = np.full((1, 7, 7), 0.1, np.float32)
-  keep = curate.keep_mask(same, np.zeros((1, 7, 7), int), curate.class_thresholds(
-      curate.class_loss_moments(same, np.zeros((1, 7, 7), int), 2, IGNORE), 0.0), IGNORE)
+  keep = curation.keep_mask(same, np.zeros((1, 7, 7), int), curation.class_thresholds(
+      curation.class_loss_moments(same, np.zeros((1, 7, 7), int), 2, IGNORE), 0.0), IGNORE)
   assert keep.all()
 
 
@@ -86,15 +89,15 @@ def test_fidelity_is_class_balanced_so_a_dominant_class_cannot_hide_a_wrong_one(
   pred = masks.copy()
   pred[pred == IGNORE] = 0
   pred[1, :6] = 5  # pair 1: rows 0-5 wrong: class 0 keeps 8 of 16, class 1 8 of 32, class 2 none of 16
-  fidelity = curate.label_fidelity(pred, masks, K)
+  fidelity = curation.label_fidelity(pred, masks, K)
   np.testing.assert_allclose(fidelity, [1.0, (8 / 16 + 8 / 32 + 0 / 16) / 3, 1.0, 1.0])
-  assert np.isnan(curate.label_fidelity(pred[:1], np.full((1, 8, 8), IGNORE), K)[0])
+  assert np.isnan(curation.label_fidelity(pred[:1], np.full((1, 8, 8), IGNORE), K)[0])
   # 60 field pixels right, a 4-pixel building drawn where the scorer sees field: 94% of pixels agree,
   # but the pair holds two classes and one of them is wrong.
   field = np.zeros((1, 8, 8), np.int64)
   mask = field.copy()
   mask[0, :2, :2] = 2
-  assert curate.label_fidelity(field, mask, K)[0] == pytest.approx(0.5)
+  assert curation.label_fidelity(field, mask, K)[0] == pytest.approx(0.5)
 
 
 # ---- selection ----
@@ -103,29 +106,29 @@ def test_fidelity_is_class_balanced_so_a_dominant_class_cannot_hide_a_wrong_one(
 def test_selection_is_exact_deterministic_and_without_replacement():
   candidates = np.arange(3, 40, 2)
   scores = np.linspace(0.0, 1.0, len(candidates))
-  for mode in config_check.CURATION_SELECTIONS:
-    first = curate.select(candidates, 9, mode, scores, seed=3)
+  for mode in curation.SELECTIONS:
+    first = curation.select(candidates, 9, mode, scores, seed=3)
     assert len(first) == len(set(first)) == 9 and set(first) <= set(candidates)
-    np.testing.assert_array_equal(first, curate.select(candidates, 9, mode, scores, seed=3))
-    assert not np.array_equal(first, curate.select(candidates, 9, mode, scores, seed=4))
-  everything = curate.select(candidates, len(candidates), "hard_rare", np.zeros(len(candidates)), seed=0)
+    np.testing.assert_array_equal(first, curation.select(candidates, 9, mode, scores, seed=3))
+    assert not np.array_equal(first, curation.select(candidates, 9, mode, scores, seed=4))
+  everything = curation.select(candidates, len(candidates), "hard_rare", np.zeros(len(candidates)), seed=0)
   np.testing.assert_array_equal(everything, candidates)  # zero scores still fill the count
   with pytest.raises(ValueError):
-    curate.select(candidates, len(candidates) + 1, "uniform", None, seed=0)
+    curation.select(candidates, len(candidates) + 1, "uniform", None, seed=0)
 
 
 def test_hard_rare_favours_pairs_with_the_rare_hard_class():
   """100 pairs, 10 with a rare class that the scorer finds hard: hard_rare picks them far more often."""
   class_pixels = np.array([9000, 900, 100])  # train frequencies: class 2 is rare
   class_loss = np.array([0.1, 0.2, 1.0])  # and hard
-  weights = curate.class_weights(class_loss, class_pixels)
+  weights = curation.class_weights(class_loss, class_pixels)
   assert weights.argmax() == 2 and np.isclose(weights.sum(), 1.0)
-  assert curate.class_weights(class_loss, [10, 0, 10])[1] == 0  # absent from train: no weight
+  assert curation.class_weights(class_loss, [10, 0, 10])[1] == 0  # absent from train: no weight
   kept = np.tile([[200, 56, 0]], (100, 1))
   kept[:10] = [200, 26, 30]  # the pairs with the rare class
-  scores = curate.pair_scores(kept, weights)
-  counts = {mode: np.mean([np.sum(curate.select(np.arange(100), 20, mode, scores, seed) < 10) for seed in range(200)])
-            for mode in config_check.CURATION_SELECTIONS}
+  scores = curation.pair_scores(kept, weights)
+  counts = {mode: np.mean([np.sum(curation.select(np.arange(100), 20, mode, scores, seed) < 10) for seed in range(200)])
+            for mode in curation.SELECTIONS}
   assert 1.5 < counts["uniform"] < 2.5  # 20 x 10 / 100 = 2 expected
   assert counts["hard_rare"] > 2 * counts["uniform"]
 
@@ -205,7 +208,7 @@ def _by_id(directory) -> dict:
 def test_curated_set_filters_the_wrong_square_and_drops_bad_pairs(image_scored, monkeypatch, capsys):
   config, workdir, pool_dir, pool = image_scored
   out_dir = layout.synthetic_dir(workdir, "pool_curated")
-  run = segmenter.Run.metric_encoder(config)
+  run = resolved.SegmenterRun.metric_encoder(config)
   manifest = curate.curate_set(config, workdir, pool_dir, out_dir, run)
   assert manifest["num_examples"] == 8 and manifest["pool_size"] == 10
   assert manifest["dropped_pairs_fidelity"] == 1 and manifest["dropped_pairs_empty"] == 1
@@ -249,7 +252,7 @@ def test_thresholds_and_weights_come_from_the_real_train_split_not_the_pool(imag
   _write(pool_dir, pool, config, "pool")
   identity.record(pool_dir, config, {"generator": "test", "requested": 10})
   out_dir = layout.synthetic_dir(workdir, "always_wrong_curated")
-  manifest = curate.curate_set(config, workdir, pool_dir, out_dir, segmenter.Run.metric_encoder(config))
+  manifest = curate.curate_set(config, workdir, pool_dir, out_dir, resolved.SegmenterRun.metric_encoder(config))
   for name, pair in _by_id(out_dir).items():
     truth = _resized(pool[int(name[-3:])][0])
     assert np.all(pair["mask"][truth == 2] == IGNORE), name  # every wrongly drawn pixel filtered
@@ -261,26 +264,26 @@ def test_thresholds_and_weights_come_from_the_real_train_split_not_the_pool(imag
       small_truth, small_mask = _small(truth), _small(mask)
       logits = ImageScorer().apply({"params": {"sharpness": np.float32(1.0)}},
                                    jnp.asarray(_image_of(small_truth)[None], jnp.float32) / 255.0)
-      loss, _ = curate.pixel_losses(logits, jnp.asarray(small_mask[None]), IGNORE)
-      total += curate.class_loss_moments(np.asarray(loss), small_mask[None], K, IGNORE)
+      loss, _ = curation.pixel_losses(logits, jnp.asarray(small_mask[None]), IGNORE)
+      total += curation.class_loss_moments(np.asarray(loss), small_mask[None], K, IGNORE)
     return total
 
   train = records.read_manifest(layout.data_dir(workdir, "train"))
-  from_train = curate.class_weights(curate.class_mean_loss(moments_of([(_truth(i), _truth(i)) for i in range(4)])),
+  from_train = curation.class_weights(curation.class_mean_loss(moments_of([(_truth(i), _truth(i)) for i in range(4)])),
                                     train["class_pixels"])
-  from_pool = curate.class_weights(curate.class_mean_loss(moments_of(pool)), train["class_pixels"])
+  from_pool = curation.class_weights(curation.class_mean_loss(moments_of(pool)), train["class_pixels"])
   np.testing.assert_allclose(manifest["class_weights"], from_train, rtol=1e-4)
   assert not np.allclose(from_pool, from_train, rtol=1e-2)  # the pool would have made class 1 hard
 
 
 def _small(labels: np.ndarray) -> np.ndarray:
   """16 px labels at the scorer's 8 px (the pipeline's nearest rule)."""
-  return curate.resize_nearest(labels, (8, 8))
+  return curation.resize_nearest(labels, (8, 8))
 
 
 def _resized(labels: np.ndarray) -> np.ndarray:
   """The 8 px verdict mapped back to 16 px, as curation writes masks."""
-  return curate.resize_nearest(_small(labels), (16, 16))
+  return curation.resize_nearest(_small(labels), (16, 16))
 
 
 def test_curating_a_set_into_itself_is_refused_and_deletes_nothing(image_scored):
@@ -291,14 +294,14 @@ def test_curating_a_set_into_itself_is_refused_and_deletes_nothing(image_scored)
   before = {name: os.path.getmtime(os.path.join(pool_dir, name)) for name in os.listdir(pool_dir)}
   with pytest.raises(curate.CurationError, match=r"is both the pool and the curated set"):
     curate.curate_set(config, workdir, pool_dir, os.path.join(str(pool_dir), "..", os.path.basename(pool_dir)),
-                      segmenter.Run.metric_encoder(config))
+                      resolved.SegmenterRun.metric_encoder(config))
   assert {name: os.path.getmtime(os.path.join(pool_dir, name)) for name in os.listdir(pool_dir)} == before
 
 
 def test_a_pool_smaller_than_r_times_d_is_refused(image_scored):
   config, workdir, pool_dir, _ = image_scored
   config.sample.per_real = 3
-  run = segmenter.Run.metric_encoder(config)
+  run = resolved.SegmenterRun.metric_encoder(config)
   with pytest.raises(curate.CurationError, match=r"holds 10 pairs .* = 12"):
     curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "c"), run)
 
@@ -310,11 +313,10 @@ def test_a_pool_smaller_than_r_times_d_is_refused(image_scored):
 def demo(tmp_path_factory):
   """The tiny demo prepared (4 train patches of 16 px), random weights saved as step 5 of the R=0 run,
   and a 12-pair pool written where --mode=sample puts the config's set."""
-  workdir = str(tmp_path_factory.mktemp("curate"))
-  config = load_config("demo", **{**TINY, "sample.per_real": 2, "sample.examples_per_shard": 5,
-                                  "curation.min_fidelity": 0.0, "curation.selection": "hard_rare"})
-  prepare.run(config, workdir)
-  run = curate.scorer_run(config)
+  config, workdir = prepared_demo(tmp_path_factory, "curate", {
+      **TINY_SEGMENTER_RUN, "sample.per_real": 2, "sample.examples_per_shard": 5, "curation.min_fidelity": 0.0,
+      "curation.selection": "hard_rare"})
+  run = resolved.curation_scorer(config)
   assert run.name == "unet_r0_s0"
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, 16, 0))
@@ -386,11 +388,11 @@ def test_demo_curation_end_to_end_without_reading_val_or_test(demo, monkeypatch)
   assert sum(manifest["class_pixels"]) == labelled - ignored
   recorded = identity.read(out_dir)
   assert recorded["shaping"]["scorer"].startswith("unet_r0_s0@5:") and recorded["shaping"]["count"] == 8
-  assert curate.is_curated(config, workdir, pool_dir, out_dir)
+  assert curate.is_complete(config, workdir)
   assert os.path.isfile(layout.report_path(workdir, "class_frequency_curation.png"))
 
   # A rerun is a no-op: nothing is scored or written.
-  monkeypatch.setattr(curate, "pool_statistics", lambda *a, **k: pytest.fail("a finished set was scored again"))
+  monkeypatch.setattr(curation, "pool_statistics", lambda *a, **k: pytest.fail("a finished set was scored again"))
   monkeypatch.setattr(records, "write_records", lambda *a, **k: pytest.fail("a finished set was written again"))
   assert curate.run(config, workdir) == manifest
   # Other settings: refused in one line naming the key.
@@ -399,7 +401,7 @@ def test_demo_curation_end_to_end_without_reading_val_or_test(demo, monkeypatch)
   with pytest.raises(identity.SettingsMismatchError, match=r"curation.pixel_tolerance: 1.0 -> 2.0"):
     curate.run(other, workdir)
   with pytest.raises(identity.SettingsMismatchError):
-    curate.is_curated(other, workdir, pool_dir, out_dir)
+    curate.is_complete(other, workdir)
 
 
 def test_config_check_names_bad_curation_settings():
@@ -424,7 +426,7 @@ def test_pixel_losses_are_the_cross_entropy_of_each_pixel():
   logits = rng.normal(0.0, 3.0, (2, 3, 5, K)).astype(np.float32)
   mask = rng.integers(0, K, (2, 3, 5))
   mask[0, 0, :2] = IGNORE
-  loss, pred = jax.device_get(curate.pixel_losses(jnp.asarray(logits), jnp.asarray(mask), IGNORE))
+  loss, pred = jax.device_get(curation.pixel_losses(jnp.asarray(logits), jnp.asarray(mask), IGNORE))
   z = logits.astype(np.float64)
   log_probs = z - z.max(-1, keepdims=True)
   log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
@@ -435,7 +437,7 @@ def test_pixel_losses_are_the_cross_entropy_of_each_pixel():
 
 def test_class_mean_loss_is_nan_only_for_classes_without_pixels():
   moments = np.array([[1.0, 0.0, 4.0], [3.0, 0.0, 2.0], [9.0, 0.0, 1.0]])  # one pixel of class 0
-  mean = curate.class_mean_loss(moments)
+  mean = curation.class_mean_loss(moments)
   np.testing.assert_allclose(mean[[0, 2]], [3.0, 0.5])
   assert np.isnan(mean[1])
 
@@ -444,7 +446,7 @@ def test_keep_mask_uses_each_pixels_own_class_threshold_inclusively():
   thresholds = np.array([1.0, 5.0, np.inf])
   loss = np.array([[[1.0, 1.5, 3.0, 5.0, 5.5, 9.0, 7.0]]], np.float32)
   mask = np.array([[[0, 0, 1, 1, 1, 2, IGNORE]]])
-  keep = curate.keep_mask(loss, mask, thresholds, IGNORE)
+  keep = curation.keep_mask(loss, mask, thresholds, IGNORE)
   np.testing.assert_array_equal(keep[0, 0], [True, False, True, True, False, True, False])
 
 
@@ -452,18 +454,18 @@ def test_fidelity_of_a_pair_with_one_labelled_pixel():
   mask = np.full((2, 2, 2), IGNORE)
   mask[:, 0, 0] = 3
   pred = np.array([[[3, 0], [0, 0]], [[1, 0], [0, 0]]])
-  np.testing.assert_array_equal(curate.label_fidelity(pred, mask, K), [1.0, 0.0])
+  np.testing.assert_array_equal(curation.label_fidelity(pred, mask, K), [1.0, 0.0])
 
 
 def test_class_weights_exact_values_and_the_rarity_fallback():
   # Hardness / sqrt(frequency), normalised; a class of one train pixel still counts.
-  weights = curate.class_weights([0.02, 0.01, 0.03], [300, 99, 1])
+  weights = curation.class_weights([0.02, 0.01, 0.03], [300, 99, 1])
   raw = np.array([0.02 / np.sqrt(0.75), 0.01 / np.sqrt(99 / 400), 0.03 / np.sqrt(1 / 400)])
   np.testing.assert_allclose(weights, raw / raw.sum(), rtol=1e-12)
   # A class in the train manifest that the scorer never saw (NaN loss) weighs nothing.
-  np.testing.assert_allclose(curate.class_weights([0.5, np.nan], [100, 1]), [1.0, 0.0])
+  np.testing.assert_allclose(curation.class_weights([0.5, np.nan], [100, 1]), [1.0, 0.0])
   # A perfect scorer (all losses 0): rarity alone, still 0 for a class absent from train.
-  fallback = curate.class_weights([0.0, 0.0, 0.0, 0.0], [300, 0, 100, 0])
+  fallback = curation.class_weights([0.0, 0.0, 0.0, 0.0], [300, 0, 100, 0])
   raw = np.array([1 / np.sqrt(0.75), 0.0, 1 / np.sqrt(0.25), 0.0])
   np.testing.assert_allclose(fallback, raw / raw.sum(), rtol=1e-12)
 
@@ -471,13 +473,13 @@ def test_class_weights_exact_values_and_the_rarity_fallback():
 def test_pair_scores_are_the_weighted_share_of_each_pairs_own_kept_pixels():
   kept = np.array([[3, 1, 0], [0, 0, 1], [0, 0, 0], [10, 0, 10]])
   weights = np.array([0.1, 0.3, 0.6])
-  np.testing.assert_allclose(curate.pair_scores(kept, weights), [0.6 / 4, 0.6, 0.0, 7.0 / 20], rtol=1e-12)
+  np.testing.assert_allclose(curation.pair_scores(kept, weights), [0.6 / 4, 0.6, 0.0, 7.0 / 20], rtol=1e-12)
 
 
 def test_resize_nearest_maps_rows_and_columns_separately():
   array = np.arange(6).reshape(2, 3)
-  np.testing.assert_array_equal(curate.resize_nearest(array, (4, 6)), np.repeat(np.repeat(array, 2, 0), 2, 1))
-  np.testing.assert_array_equal(curate.resize_nearest(np.arange(12).reshape(4, 3), (2, 3)),
+  np.testing.assert_array_equal(curation.resize_nearest(array, (4, 6)), np.repeat(np.repeat(array, 2, 0), 2, 1))
+  np.testing.assert_array_equal(curation.resize_nearest(np.arange(12).reshape(4, 3), (2, 3)),
                                 [[3, 4, 5], [9, 10, 11]])
 
 
@@ -486,4 +488,4 @@ def test_hard_rare_takes_every_positive_score_before_any_zero_score():
   scores = np.zeros(20)
   scores[[3, 11, 17]] = 1e-3  # tiny but positive: log(u) / score is very negative, still ahead of 0
   for seed in range(20):
-    np.testing.assert_array_equal(curate.select(candidates, 3, "hard_rare", scores, seed), [3, 11, 17])
+    np.testing.assert_array_equal(curation.select(candidates, 3, "hard_rare", scores, seed), [3, 11, 17])

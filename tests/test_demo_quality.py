@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from satsynth_jax import generator, parallel
-from satsynth_jax.data import prepare, records
+from satsynth_jax import generator
+from satsynth_jax.data import records
+from satsynth_jax.infra import parallel
+from satsynth_jax.jobs import prepare
 from satsynth_jax.train import diffusion, loop
 
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import load_config
-from satsynth_jax import checkpoint, evaluate, identity, report, segmenter, workdir as layout
-from satsynth_jax.data import prepare, records
+from conftest import TINY_SEGMENTER, load_config, prepared_demo
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.data import records
+from satsynth_jax.infra import checkpoint, identity, report, workdir as layout
+from satsynth_jax.jobs import evaluate
 from satsynth_jax.train import segmentation
 from test_train_segmentation import random_variables
 
@@ -22,11 +24,7 @@ DEMO_NAMES = load_config("demo").data.class_names
 NAMES = ("background", *DEMO_NAMES[1:])
 # 2 val scenes of 32 px -> 8 patches of 16 px: one batch of 12 holds them and 4 padding rows; 4 test
 # scenes -> 16 patches: two batches, the second with 8 padding rows.
-TINY = {
-    "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
-    "data.class_names": NAMES, "data.background_index": 0, "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
-    "segmentation.eval_batch_size": 12,
-}
+TINY = {**TINY_SEGMENTER, "data.class_names": NAMES, "data.background_index": 0, "segmentation.eval_batch_size": 12}
 SIZE = 16
 NUM_EXAMPLES = {"val": 8, "test": 16}
 STEP = 5
@@ -35,10 +33,8 @@ STEP = 5
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
   """A segmenter with random weights saved as step 5 of its run, then evaluated (on all 4 devices)."""
-  workdir = str(tmp_path_factory.mktemp("eval"))
-  config = load_config("demo", **TINY)
-  prepare.run(config, workdir)
-  run = segmenter.Run.from_config(config)
+  config, workdir = prepared_demo(tmp_path_factory, "eval", TINY)
+  run = resolved.SegmenterRun.from_config(config)
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(segmenter, "init_variables", lambda model, size, rng: random_variables(model, SIZE, 0))
     state = segmentation.init_state(segmenter.build(config, "unet"), SIZE, config.segmentation.train,
@@ -90,7 +86,7 @@ def test_every_held_out_example_counts_once_and_padding_never(evaluated, split):
 
 def test_a_score_under_other_settings_is_refused_and_a_stale_one_is_not_current(evaluated):
   config, workdir, _ = evaluated
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   assert evaluate.is_current(workdir, run, STEP)
   assert not evaluate.is_current(workdir, run, STEP + 1)  # a newer checkpoint: score again
   other = config.copy_and_resolve_references()
@@ -123,7 +119,7 @@ def test_eval_step_counts_only_valid_rows():
   image = np.zeros((3, 4, 4, 3), np.float32)
   image[0, ..., 0] = 1 / 255  # row 0: everything predicted 1; rows 1 and 2: everything 0
   batch = {"image": image, "mask": mask, "valid": np.array([True, True, False])}  # row 2 pads the batch
-  confusion, count, preds = evaluate.eval_step({}, batch, model=_ColourCoded(3), num_classes=3, ignore_index=255)
+  confusion, count, preds = segmenter.eval_step({}, batch, model=_ColourCoded(3), num_classes=3, ignore_index=255)
   assert int(count) == 2
   np.testing.assert_array_equal(confusion, [[8, 7, 0], [8, 8, 0], [0, 0, 0]])
   assert preds.shape == (3, 4, 4)
@@ -132,7 +128,7 @@ def test_eval_step_counts_only_valid_rows():
 @pytest.mark.parametrize("config_name,expected", [("isaid", 0), ("loveda", None), ("openearthmap", None), ("demo", None)])
 def test_background_is_set_per_dataset_not_guessed_from_class_names(config_name, expected):
   # LoveDA's class 0 is called "background" but is a real land-cover class: it stays in every mean.
-  assert evaluate.background_index(load_config(config_name)) == expected
+  assert segmenter.background_index(load_config(config_name)) == expected
 
 
 def test_score_table_lists_classes_and_means():

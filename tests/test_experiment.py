@@ -8,18 +8,13 @@ import statistics
 
 import pytest
 
-from conftest import load_config, run_main
+from conftest import TINY_EXPERIMENT, load_config, run_main
 
 SHRUNK = {
-    "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.patch_size": 32, "data.image_size": 16,
-    "diffusion.model.ch_mult": "(1,)", "diffusion.model.attn_resolutions": "()", "diffusion.timesteps": 50,
-    "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 1,
-    "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 4, "diffusion.train.sample_every": 0,
-    "sample.per_real": 1, "sample.ddim_steps": 5, "sample.batch_size": 8, "sample.examples_per_shard": 8,
-    "segmentation.architecture": "unet", "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 4,
-    "segmentation.train.warmup_steps": 1, "segmentation.train.log_every": 2,
-    "segmentation.train.checkpoint_every": 4, "segmentation.eval_batch_size": 8, "segmentation.eval_every": 1,
-    "experiment.seeds": 2,
+    **TINY_EXPERIMENT, "data.demo_num_scenes": 2, "data.demo_scene_size": 64, "data.patch_size": 32,
+    "diffusion.train.num_steps": 4, "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 4,
+    "sample.ddim_steps": 5, "segmentation.train.num_steps": 4, "segmentation.train.log_every": 2,
+    "segmentation.train.checkpoint_every": 4, "segmentation.eval_every": 1, "experiment.seeds": 2,
     # A 4-step scorer disagrees with most generated pixels: keep every pair, so curation always has enough.
     "curation.min_fidelity": 0.0,
 }
@@ -152,7 +147,8 @@ def test_an_interrupted_experiment_reruns_only_its_missing_and_stale_stages(fini
 
 def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmenter_to_it(tmp_path):
   from conftest import load_config
-  from satsynth_jax import config_check, experiment
+  from satsynth_jax import config_check
+  from satsynth_jax.jobs import experiment
 
   config = load_config("demo", **{"sample.super_resolve": True, "sr.image_size": 64})
   with pytest.raises(config_check.ConfigError, match=r"segmentation.image_size=0: .*synthetic pairs are 64 px"):
@@ -162,3 +158,54 @@ def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmen
   names = [stage.name for stage in experiment.stages(config, tmp_path)]
   assert names[:5] == ["prepare", "train_diffusion", "train_sr", "train_metric_encoder", "sample D'"]
   assert "train_segmentation fpn_r2_diffusion_x0_cascade_s0" in names
+
+
+def test_with_data_synthetic_dir_every_stage_samples_curates_scores_and_trains_on_that_one_folder(tmp_path,
+                                                                                                   monkeypatch):
+  """The experiment's stages and the single modes agree on the set: its folder and its runs' names."""
+  from conftest import load_config
+  from satsynth_jax import resolved
+  from satsynth_jax.jobs import curate, experiment, sample, sample_quality, train_segmentation
+
+  folder = str(tmp_path / "elsewhere" / "my_set")
+  config = load_config("demo", **{"data.synthetic_dir": folder, "segmentation.architecture": "unet",
+                                  "experiment.seeds": 2, "sample.per_real": 1})
+  seen = []  # (job or run, the synthetic folder it would read or write)
+
+  def saw(job, folder):
+    seen.append((job, folder and str(folder)))
+
+  monkeypatch.setattr(sample, "run", lambda c, w: saw("sample", resolved.synthetic_dir(c, w)))
+  monkeypatch.setattr(curate, "curate_set", lambda c, w, pool, out, scorer: saw("curate", pool))
+  monkeypatch.setattr(sample_quality, "run_for", lambda c, w, directory, name: saw("score", directory))
+  monkeypatch.setattr(train_segmentation, "train_run", lambda c, w, run, synthetic: saw(run.name, synthetic))
+  for stage in experiment.stages(config, tmp_path):
+    if stage.name.split()[0] in ("sample", "curate", "evaluate_samples", "train_segmentation"):
+      stage.run()
+  curated = str(resolved.curated_dir(config, tmp_path))
+  assert curated == str(tmp_path / "synthetic" / "my_set_curated")
+  assert seen == [("sample", folder), ("score", folder), ("unet_r0_s0", None), ("unet_r0_s1", None),
+                  ("curate", folder), ("score", curated),
+                  ("unet_r1_my_set_s0", folder), ("unet_r1_my_set_s1", folder),
+                  ("unet_r1_my_set_curated_s0", curated), ("unet_r1_my_set_curated_s1", curated)]
+  # The single modes, on the same config: the same folder, the same run names.
+  seen.clear()
+  sample.run(config, tmp_path)
+  curate.run(config, tmp_path)
+  mixed = config.copy_and_resolve_references()
+  mixed.data.synthetic_ratio = 1
+  train_segmentation.run(mixed, tmp_path)
+  assert seen == [("sample", folder), ("curate", folder), ("unet_r1_my_set_s0", folder)]
+  assert resolved.SegmenterRun.from_config(mixed).name == "unet_r1_my_set_s0"
+
+
+@pytest.mark.parametrize("overrides", [{"experiment.arms": ("raw", "conditioned"), "diffusion.condition": "presence"},
+                                       {"experiment.image_only_baseline": True}])
+def test_data_synthetic_dir_is_refused_when_the_experiment_samples_two_sets(overrides):
+  from conftest import load_config
+  from satsynth_jax import config_check
+
+  config = load_config("demo", **{"data.synthetic_dir": "/sets/mine", **overrides})
+  config_check.validate(config)  # one set at a time outside the experiment
+  with pytest.raises(config_check.ConfigError, match=r"data.synthetic_dir='/sets/mine': names one folder, but "):
+    config_check.validate(config, mode="experiment")

@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from conftest import load_config
-from satsynth_jax import export, viz, workdir as layout
 from satsynth_jax.data import records
 from satsynth_jax.data.sources import folder, scenes
+from satsynth_jax.infra import viz, workdir as layout
+from satsynth_jax.jobs import export
 from test_records import make_pairs
 
 

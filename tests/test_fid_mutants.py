@@ -1,4 +1,4 @@
-"""FID/IS edge cases pinned after tools/mutation.sh: float64 throughout, boundaries, error names."""
+"""FID/IS edge cases pinned after tools/mutation/mutation.sh: float64 throughout, boundaries, error names."""
 
 import numpy as np
 import pytest

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from satsynth_jax import host_devices
+from satsynth_jax.infra import host_devices
 from tests.conftest import REPO, load_config
 
 

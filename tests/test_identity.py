@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import load_config
-from satsynth_jax import generator, identity, labels, resolved, segmenter
+from satsynth_jax import generator, labels, resolved
 from satsynth_jax.data import pipeline
+from satsynth_jax.infra import identity
 
 
 def test_record_then_check_names_each_differing_key_with_both_values(tmp_path):
@@ -50,9 +51,9 @@ def test_the_papers_ablations_get_their_own_runs_sets_and_segmenter_runs(overrid
   assert resolved.synthetic_set(config) == name
   config.sample.super_resolve = True
   assert resolved.synthetic_set(config) == f"{name}_cascade"
-  run = segmenter.Run.arm(config, 3, 1, resolved.synthetic_set(config))
+  run = resolved.SegmenterRun.arm(config, 3, 1, resolved.synthetic_set(config))
   assert run.name == f"fpn_r3_{name}_cascade_s1"
-  assert segmenter.Run.arm(config, 0, 1, None).name == "fpn_r0_s1"  # real only: no generator in its name
+  assert resolved.SegmenterRun.arm(config, 0, 1, None).name == "fpn_r0_s1"  # real only: no generator in its name
 
 
 def test_shaping_ignores_logging_cadence_and_length_but_not_what_changes_the_weights():

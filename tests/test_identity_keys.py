@@ -2,7 +2,7 @@
 
 Each sweep walks every key of the resolved config (keys added later are swept without editing this
 file) and changes its value. A key passes when the change gives another run or set name, changes
-the recorded shaping (so identity.py refuses the resumed run or treats the set as not done), or is
+the recorded shaping (so infra/identity.py refuses the resumed run or treats the set as not done), or is
 refused by --mode=prepare / the experiment's prepared check. Otherwise it must be listed below with
 the reason it shapes nothing of that kind; a key left out of an identity (diffusion.beta_end of G,
 sample.ddim_eta of the sample plan, ...) fails its sweep, naming it.
@@ -14,8 +14,10 @@ import re
 import pytest
 
 from conftest import TINY_G, load_config
-from satsynth_jax import generator, identity, resolved, sample, segmenter
-from satsynth_jax.data import prepare
+from satsynth_jax import generator, resolved, segmenter
+from satsynth_jax.data import splits
+from satsynth_jax.infra import identity
+from satsynth_jax.jobs import prepare, sample
 
 # ---- what each identity may leave out, and why ----
 
@@ -68,7 +70,7 @@ PREPARE_FREE = {**NOT_TRAINING,
                 **{key: "models only" for key in ("diffusion.", "sr.", "segmentation.", "data.resize", "data.augment")},
                 "data.image_size": "models only: records keep the patch size", "data.label_encoding": "G only",
                 "data.no_data_code": "G only", "data.ignore_fill_class": "G only",
-                "data.ignore_index": "prepare refuses any value but the records' no-data value"}
+                "data.ignore_index": "config_check refuses any value but the records' no-data value"}
 
 FOLDER_RGB = {"data.format": "folder", "data.source_dir": "/src", "data.mask_format": "rgb"}
 
@@ -103,8 +105,8 @@ def _free(key: str, free: dict) -> bool:
 
 
 def _prepared_keys() -> set[str]:
-  """Config keys a prepared split records: --mode=prepare and prepare.prepared refuse a change."""
-  return {key for base in ({}, FOLDER_RGB) for key in prepare.split_settings(load_config("demo", **base))}
+  """Config keys a prepared split records: --mode=prepare and prepare.is_complete refuse a change."""
+  return {key for base in ({}, FOLDER_RGB) for key in splits.split_settings(load_config("demo", **base))}
 
 
 def _uncovered(cases, free: dict, also_covered: set[str] = frozenset()) -> list[str]:
@@ -160,7 +162,7 @@ SET_IDENTITY = {"generator": "diffusion_x0", "checkpoint_step": 4}  # an R > 0 r
 
 
 def _segmenter(config):
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   return run.name, segmenter.shaping(config, run, SET_IDENTITY if run.synthetic_ratio else None)
 
 
@@ -200,7 +202,7 @@ def test_a_changed_sampling_setting_makes_a_finished_set_not_done(tmp_path):
 
 
 def test_every_setting_that_shapes_prepared_records_is_recorded_in_their_manifest():
-  cases = [({}, prepare.split_settings), (FOLDER_RGB, prepare.split_settings)]  # the demo; a download
+  cases = [({}, splits.split_settings), (FOLDER_RGB, splits.split_settings)]  # the demo; a download
   _assert_covered(cases, PREPARE_FREE)
 
 
@@ -215,17 +217,17 @@ def prepared(tmp_path_factory):
 
 def test_every_prepared_setting_is_refused_by_the_prepared_check(prepared):
   config = load_config("demo", **TINY_G)
-  assert prepare.prepared(config, prepared)
-  recorded = prepare.recorded_settings(json.loads((prepared / "data" / "train" / "manifest.json").read_text()))
+  assert prepare.is_complete(config, prepared)
+  recorded = splits.recorded_settings(json.loads((prepared / "data" / "train" / "manifest.json").read_text()))
   assert {"data.patch_size", "data.num_classes", "data.max_no_data_fraction"} <= set(recorded)
   for key in recorded:
-    with pytest.raises(prepare.PrepareError, match=key.replace(".", r"\.")):
-      prepare.prepared(_with(TINY_G, key), prepared)
+    with pytest.raises(splits.PrepareError, match=key.replace(".", r"\.")):
+      prepare.is_complete(_with(TINY_G, key), prepared)
 
 
 IDENTITIES = {"G": generator.g_shaping, "G_SR": generator.sr_shaping,
               "segmenter": lambda config, workdir: segmenter.shaping(
-                  config, segmenter.Run.from_config(config), None, workdir)}
+                  config, resolved.SegmenterRun.from_config(config), None, workdir)}
 
 
 @pytest.mark.parametrize("name", IDENTITIES)

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 import pytest
 
-from satsynth_jax import checkpoint, parallel, workdir as layout
+from satsynth_jax import resolved
+from satsynth_jax.infra import checkpoint, parallel, workdir as layout
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
 
@@ -268,12 +269,11 @@ def test_shared_jit_keys_on_values():
 def test_init_compiled_at_o1_gives_the_state_of_xla_default(model):
   """loop.init_state compiles at LLVM -O1 (INIT_CPU_COMPILER_OPTIONS): the same bits as -O2, XLA's default."""
   from conftest import TINY_G, load_config
-  from satsynth_jax import segmenter
   from satsynth_jax.train import diffusion, segmentation
   mesh = parallel.make_mesh()
   if model == "fpn":
     config = load_config("demo")
-    task = segmentation.make_task(config, "unused", mesh, segmenter.Run.arm(config, 0, 0, None))
+    task = segmentation.make_task(config, "unused", mesh, resolved.SegmenterRun.arm(config, 0, 0, None))
   else:
     config = load_config("demo", **TINY_G, **{"diffusion.train.sample_every": 0})
     task = diffusion.make_task(config, "unused", mesh)

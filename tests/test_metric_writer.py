@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 from satsynth_jax.data import tfrecord
-from satsynth_jax.metric_writer import MetricWriter
+from satsynth_jax.infra.metric_writer import MetricWriter
 
 
 def log_steps(directory: pathlib.Path, steps, resume_step=None, loss=1.0) -> None:

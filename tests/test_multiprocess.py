@@ -15,24 +15,20 @@ import subprocess
 import sys
 
 import grain
-import jax
 import numpy as np
 import pytest
 
 import mp_launch
-from conftest import REPO, TINY_G, load_config
-from satsynth_jax import checkpoint, distributed, parallel, resolved, workdir as layout
-from satsynth_jax.data import pipeline, prepare, records
+from conftest import REPO, TINY_G_RUN, load_config
+from satsynth_jax import resolved
+from satsynth_jax.data import pipeline, records
+from satsynth_jax.infra import checkpoint, distributed, parallel, workdir as layout
+from satsynth_jax.jobs import prepare
 from satsynth_jax.train import diffusion, loop
 
 NUM_PROCESSES = mp_launch.NUM_PROCESSES
-TINY = {
-    **TINY_G, "diffusion.train.num_steps": 4,
-    "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2, "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2,
-    "diffusion.train.sample_every": 4,
-    "diffusion.train.num_grid_samples": 4, "diffusion.train.grid_sampler_steps": 2, "sample.per_real": 2, "sample.sampler": "ddim",
-    "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 4,
-}
+TINY = {**TINY_G_RUN, "diffusion.train.sample_every": 4, "diffusion.train.num_grid_samples": 4,
+        "diffusion.train.grid_sampler_steps": 2, "sample.per_real": 2}
 
 
 def _launch(workdir: str, mode: str, logs: pathlib.Path, via_env: bool) -> list[str]:
@@ -140,12 +136,12 @@ def sampled(two_processes):
 
 
 def test_losses_equal_a_single_process_run_on_the_same_global_batches(two_processes, one_process):
-  (config, multi, _), single = two_processes, one_process
+  (_, multi, _), single = two_processes, one_process
   mp_launch.assert_logs_match(_metrics(multi), _metrics(single), [2, 4], atol=1e-7)
 
 
 def test_final_params_equal_a_single_process_run(two_processes, one_process):
-  (config, multi, _), single = two_processes, one_process
+  (_, multi, _), single = two_processes, one_process
   two, one = _final_state(config, multi), _final_state(config, single)
   mp_launch.assert_states_match(two, one, ("params", "ema_params", "opt_state"))
 

@@ -18,8 +18,10 @@ import pytest
 
 import mp_launch
 from conftest import load_config
-from satsynth_jax import checkpoint, evaluate, parallel, resolved, sample_quality, segmenter, workdir as layout
-from satsynth_jax.data import pipeline, prepare
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.data import pipeline
+from satsynth_jax.infra import checkpoint, identity, parallel, workdir as layout
+from satsynth_jax.jobs import evaluate, prepare, sample_quality
 from satsynth_jax.train import loop, segmentation
 
 NUM_PROCESSES = mp_launch.NUM_PROCESSES
@@ -48,7 +50,10 @@ def checkpointed(tmp_path_factory):
   prepare.run(config, str(workdir))
   state = segmentation.init_state(segmenter.build(config, "unet"), resolved.segmenter_size(config),
                                   config.segmentation.train, jax.random.key(1))
-  mngr = checkpoint.manager(layout.checkpoint_dir(str(workdir), RUN))
+  directory = layout.checkpoint_dir(str(workdir), RUN)
+  run = resolved.SegmenterRun.from_config(config)
+  identity.record(directory, config, segmenter.shaping(config, run, None, str(workdir)))  # as training records it
+  mngr = checkpoint.manager(directory)
   checkpoint.save(mngr, 4, state)
   mngr.wait_until_finished()
   return workdir, tmp_path_factory.mktemp("logs")
@@ -69,7 +74,7 @@ def _global_batches(config, train_dir, num_steps: int) -> list[dict]:
 
 def _restore(config, workdir, run=RUN):
   mesh = parallel.make_mesh()
-  task = segmentation.make_task(config, str(workdir), mesh, segmenter.Run(run, "unet", 0, config.seed))
+  task = segmentation.make_task(config, str(workdir), mesh, resolved.SegmenterRun(run, "unet", 0, config.seed))
   mngr = checkpoint.manager(layout.checkpoint_dir(str(workdir), run), create=False)
   state, _ = checkpoint.restore(mngr, loop.abstract_state(task, mesh, config.seed))
   return parallel.to_host({"params": state.params, "batch_stats": state.batch_stats, "opt_state": state.opt_state})
@@ -90,7 +95,7 @@ def test_training_on_two_processes_equals_one_process_on_the_same_global_batches
   mesh = parallel.make_mesh()
   assert mesh.size == 2 * NUM_PROCESSES
   batches = _global_batches(config, str(multi / "data" / "train"), config.segmentation.train.num_steps)
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   task = dataclasses.replace(segmentation.make_task(config, str(single), mesh, run),
                              make_batches=lambda: iter(grain.MapDataset.source(batches).to_iter_dataset()))
   loop.train(task, config.segmentation.train, str(single), seed=run.seed, mesh=mesh)
@@ -106,7 +111,7 @@ def test_evaluate_on_two_processes_counts_each_held_out_example_once_and_matches
   shutil.copytree(prepared, workdir)
   mp_launch.launch_ok(workdir, "evaluate", TINY, logs)
   two = json.loads((workdir / "metrics" / f"eval_{RUN}.json").read_text())
-  one = evaluate.evaluate_run(_config(), str(workdir), segmenter.Run.from_config(_config()))  # rewrites the JSON
+  one = evaluate.evaluate_run(_config(), str(workdir), resolved.SegmenterRun.from_config(_config()))  # rewrites the JSON
   again = json.loads((workdir / "metrics" / f"eval_{RUN}.json").read_text())
   for split, count in (("val", 8), ("test", 16)):  # every held-out patch, none twice, no padding
     assert two["splits"][split]["num_examples"] == again["splits"][split]["num_examples"] == count
@@ -122,7 +127,7 @@ def test_evaluate_samples_on_two_processes_matches_one_process(checkpointed, tmp
   shutil.copytree(prepared, workdir)
   # The metric encoder is a U-Net like RUN: reuse its checkpoint; score the val split as the
   # "synthetic" set, a labelled record folder like a sampled one.
-  shutil.copytree(workdir / "checkpoints" / RUN, workdir / "checkpoints" / segmenter.METRIC_ENCODER)
+  shutil.copytree(workdir / "checkpoints" / RUN, workdir / "checkpoints" / resolved.METRIC_ENCODER)
   scored = {**TINY, "data.synthetic_dir": str(workdir / "data" / "val")}
   mp_launch.launch_ok(workdir, "evaluate_samples", scored, logs)
   path = workdir / "metrics" / f"{sample_quality.output_name('val')}.json"

@@ -1,6 +1,6 @@
 """Exact behaviour of the pipeline's per-example transforms (resize, crop, augment, mix).
 
-Written against surviving mutants of tools/mutation.sh: each test pins a value the broader
+Written against surviving mutants of tools/mutation/mutation.sh: each test pins a value the broader
 tests in test_pipeline.py leave free (crop offsets, resampling filter, augmentation law).
 """
 

@@ -14,8 +14,11 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from conftest import REPO, load_config
-from satsynth_jax.data import prepare, records, tiling
+from satsynth_jax import config_check
+from satsynth_jax.data import records, splits, tiling
 from satsynth_jax.data.sources.scenes import SourceError
+from satsynth_jax.infra.errors import ConfigError
+from satsynth_jax.jobs import prepare
 from test_sources import loveda_classes, save, write_isaid, write_loveda, write_openearthmap
 
 ID = re.compile(r"(?P<scene>.+)_y(?P<y>\d+)_x(?P<x>\d+)")
@@ -193,11 +196,11 @@ def test_patch_larger_than_every_scene_is_refused_before_anything_is_written(tmp
     return load_config("isaid", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": patch_size,
                                    "data.val_fraction": 0.3})
 
-  with pytest.raises(prepare.PrepareError, match=r"^the (train|val) split would hold no patch: data\.patch_size=64 "
+  with pytest.raises(splits.PrepareError, match=r"^the (train|val) split would hold no patch: data\.patch_size=64 "
                      r"fits in none of its \d scene\(s\) .*; .*at most 40$"):
     prepare.run(config(64), work)
   # Train would get patches but test (iSAID's val) would not: still refused before train is written.
-  with pytest.raises(prepare.PrepareError, match=r"the test split would hold no patch: .*P3, is 17x20 px"):
+  with pytest.raises(splits.PrepareError, match=r"the test split would hold no patch: .*P3, is 17x20 px"):
     prepare.run(config(32), work)
   assert not (work / "data").exists() and not (work / "report").exists()
   manifests = prepare.run(config(16), work)
@@ -217,7 +220,7 @@ def test_rerun_with_other_settings_is_refused_naming_each_key(tmp_path, capsys):
   assert (settings["data.val_fraction"], settings["data.test_fraction"], settings["data.split_seed"]) == (0.1, 0.1, 0)
   shard = work / "data/train" / records.shard_filename(0)
   before = shard.stat().st_mtime_ns
-  with pytest.raises(prepare.PrepareError) as error:
+  with pytest.raises(splits.PrepareError) as error:
     prepare.run(load_config("isaid", **overrides | {"data.patch_size": 32, "data.patch_stride": 8}), work)
   message = str(error.value)
   assert message.startswith(f"{work / 'data/train/manifest.json'} was prepared with other settings: ")
@@ -234,9 +237,9 @@ def test_held_out_splits_record_their_fractions_and_seed(tmp_path):
   overrides = {"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16, "data.val_fraction": 0.3,
                "data.test_fraction": 0.3}
   prepare.run(load_config("loveda", **overrides), tmp_path / "work")
-  with pytest.raises(prepare.PrepareError, match=r"data\.split_seed 0 -> 1"):
+  with pytest.raises(splits.PrepareError, match=r"data\.split_seed 0 -> 1"):
     prepare.run(load_config("loveda", **overrides, **{"data.split_seed": 1}), tmp_path / "work")
-  with pytest.raises(prepare.PrepareError, match=r"data\.test_fraction 0\.3 -> 0\.4"):
+  with pytest.raises(splits.PrepareError, match=r"data\.test_fraction 0\.3 -> 0\.4"):
     prepare.run(load_config("loveda", **{**overrides, "data.test_fraction": 0.4}), tmp_path / "work")
   prepare.run(load_config("loveda", **overrides, seed=1), tmp_path / "work")  # the run's seed: the same data
 
@@ -247,15 +250,15 @@ def test_bad_sources_fail_naming_the_file(tmp_path):
   config = load_config("loveda", **{"data.source_dir": str(tmp_path / "src"), "data.patch_size": 16})
   with pytest.raises(SourceError, match=r"masks_png/2\.png: raw mask values .*8: 256 px"):
     prepare.run(config, tmp_path / "work")
-  assert not prepare.prepared(config, tmp_path / "work")  # nothing half-written passes as done
+  assert not prepare.is_complete(config, tmp_path / "work")  # nothing half-written passes as done
 
 
 def test_empty_download_and_ignore_index_clash_are_refused(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(SourceError, match="no train scenes found"):
     prepare.run(load_config("loveda", **{"data.source_dir": str(tmp_path / "empty")}), tmp_path / "w1")
-  with pytest.raises(SourceError, match=r"ignore_index=254: records store no-data as 255"):
-    prepare.run(load_config("loveda", **{"data.ignore_index": 254}), tmp_path / "w2")
+  with pytest.raises(ConfigError, match=r"ignore_index=254: records store no-data as 255"):
+    config_check.validate(load_config("loveda", **{"data.ignore_index": 254}))
 
 
 def test_real_loveda_maps_raw_labels(shared_data, tmp_path, capsys):
@@ -290,7 +293,7 @@ def test_real_loveda_maps_raw_labels(shared_data, tmp_path, capsys):
 def test_real_isaid_colours_become_classes(shared_data, tmp_path):
   src = shared_data / "isaid"
   # The shared sample has one train scene, too few to hold val out of: refused in one line.
-  with pytest.raises(prepare.PrepareError, match=r"the val split would hold no scene: 1 train scene"):
+  with pytest.raises(splits.PrepareError, match=r"the val split would hold no scene: 1 train scene"):
     prepare.run(load_config("isaid", **{"data.source_dir": str(src), "data.patch_size": 512}), tmp_path / "refused")
   # Linked (never copied: licence) into a layout with two train scenes: P0005 and P0004.
   layout = {"train": [("train", "P0005"), ("val", "P0004")], "val": [("val", "P0003")]}

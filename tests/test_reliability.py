@@ -18,16 +18,11 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_G, config_flag, cpu_env, run_main
+from conftest import REPO, TINY_G_RUN, config_flag, cpu_env, run_main
 
 PREFIX = "satsynth_jax: error: "
 RUN = "diffusion_x0"  # the demo's G: x0 prediction
-TINY = {
-    **TINY_G, "diffusion.train.num_steps": 4, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
-    "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2, "diffusion.train.keep_checkpoints": 5,
-    "diffusion.train.sample_every": 0, "sample.per_real": 1, "sample.sampler": "ddim", "sample.ddim_steps": 2,
-    "sample.batch_size": 8, "sample.examples_per_shard": 4,
-}
+TINY = {**TINY_G_RUN, "diffusion.train.keep_checkpoints": 5}
 
 
 def cli(mode, workdir, overrides=None, *flags, config="demo", timeout=600):
@@ -118,14 +113,14 @@ def test_an_unwritable_path_inside_a_job_names_the_path_and_the_operation(tmp_pa
 
 
 def test_a_full_disk_is_named_with_its_file_and_operation(tmp_path):
-  from satsynth_jax import atomic, main  # noqa: PLC0415  (main defines the absl flags)
+  from satsynth_jax.infra import atomic, cli as command_line
 
   def full(file):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what write() raises: no file named
 
   with pytest.raises(OSError) as raised:
     atomic.write(tmp_path / "manifest.json", full)
-  message = main._os_error_message(raised.value)
+  message = command_line.os_error_message(raised.value)
   assert message.startswith(f"{tmp_path / 'manifest.json'}: No space left on device (during ")
   assert "atomic.write" in message and message.endswith("free disk space or use another --workdir")
 

@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from satsynth_jax import checkpoint, parallel
+from satsynth_jax.infra import checkpoint, parallel
 from satsynth_jax.train.state import TrainState
 
 
@@ -171,7 +171,7 @@ def test_set_aside_moves_skipped_steps_out_of_the_way(run):
 
 _ECHO_SCRIPT = r"""
 import ctypes, sys, threading
-from satsynth_jax import checkpoint
+from satsynth_jax.infra import checkpoint
 
 def callbacks():  # PyRun_SimpleString reports its error with PyErr_Print, as tensorstore's callbacks do
   ctypes.pythonapi.PyRun_SimpleString(
@@ -200,7 +200,7 @@ def test_callbacks_of_abandoned_reads_print_no_traceback():
 
 def test_a_replicated_state_on_cpu_saves_whole_without_compiling_slices(tmp_path, monkeypatch):
   """orbax's replica-parallel save slices each replicated array across its replicas, one compiled
-  program per slice; on CPU every replica is in one host's memory, so checkpoint.py turns it off."""
+  program per slice; on CPU every replica is in one host's memory, so infra/checkpoint.py turns it off."""
   mesh = parallel.make_mesh()
   assert mesh.size == 4
   state = jax.device_put(_init(jax.random.key(0)), parallel.replicated(mesh))

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from satsynth_jax import lock, workdir as layout
+from satsynth_jax.infra import lock, workdir as layout
 
 
 def _dead_pid() -> int:

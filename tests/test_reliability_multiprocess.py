@@ -15,12 +15,11 @@ import signal
 
 import jax
 import numpy as np
-import pytest
 
 import mp_launch
-from conftest import TINY_G, load_config
-from satsynth_jax import checkpoint, parallel, workdir as layout
-from satsynth_jax.data import prepare
+from conftest import TINY_G_RUN, load_config
+from satsynth_jax.infra import checkpoint, parallel, workdir as layout
+from satsynth_jax.jobs import prepare
 from satsynth_jax.train import diffusion, loop
 
 NUM_PROCESSES = mp_launch.NUM_PROCESSES
@@ -32,11 +31,8 @@ NUM_STEPS = 80
 # 15 s, then 2.2 steps/s at load average 5 (a run about 50 s); at load 10 about 3x that.
 TIMEOUT_S = 600
 RUN = "diffusion_x0"
-TINY = {
-    **TINY_G, "diffusion.train.num_steps": NUM_STEPS, "diffusion.train.lr": 1e-3, "diffusion.train.warmup_steps": 2,
-    "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": NUM_STEPS,
-    "diffusion.train.sample_every": 0,
-}
+TINY = {**TINY_G_RUN, "diffusion.train.num_steps": NUM_STEPS, "diffusion.train.log_every": 1,
+        "diffusion.train.checkpoint_every": NUM_STEPS}
 
 
 def _launch(workdir, logs: pathlib.Path, tag: str, on_started=None) -> list[tuple[int, str]]:

@@ -9,8 +9,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from satsynth_jax.models import resnet
-from tools import convert_torchvision_resnet50 as convert
-from tools import torchvision_resnet50_digest as reference
+from tools.weights import convert_torchvision_resnet50 as convert
+from tools.weights import torchvision_resnet50_digest as reference
 
 TINY = (1, 1, 1, 1)
 R50 = (3, 4, 6, 3)
@@ -132,7 +132,7 @@ def test_feature_shapes_follow_torch_rounding_on_odd_sizes():
 
 # ---- torchvision parity ----
 
-# Produced by torchvision 0.28.0 (torch 2.13.0+cpu, CPU) with tools/torchvision_resnet50_digest.py
+# Produced by torchvision 0.28.0 (torch 2.13.0+cpu, CPU) with tools/weights/torchvision_resnet50_digest.py
 # (the same values came from torchvision 0.29.1 / torch 2.14.1): torchvision's ResNet with one
 # bottleneck per stage, reference_weights under its state-dict names, reference_input.
 TORCHVISION_DIGEST = {
@@ -319,7 +319,7 @@ def test_unreadable_files_are_one_line_errors(tmp_path, content):
   assert ("no such pretrained weights file" if content is None else "not a readable .safetensors file") in message
 
 
-# ---- tools/convert_torchvision_resnet50.py ----
+# ---- tools/weights/convert_torchvision_resnet50.py ----
 
 def test_converter_writes_only_files_the_backbone_accepts(tmp_path):
   state = _random_state(TINY)

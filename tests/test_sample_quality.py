@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import load_config, run_main
-from satsynth_jax import checkpoint, parallel, sample_quality, segmenter, workdir as layout
-from satsynth_jax.data import prepare, records
-from satsynth_jax.train import metric_encoder
-from test_train_segmentation import NUM_TRAIN, SIZE, TINY, assert_loss_finite_and_falling
+from conftest import TINY_SEGMENTER_RUN, prepared_demo
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.data import records
+from satsynth_jax.infra import checkpoint, parallel, workdir as layout
+from satsynth_jax.jobs import sample_quality, train_metric_encoder
+from test_train_segmentation import NUM_TRAIN, SIZE, assert_loss_finite_and_falling
 
 ENCODER_ID = re.compile(r"metric_encoder@30:[0-9a-f]{12}")
 DEFAULT_SET = "diffusion_x0"  # the set the demo config's generator (x0 prediction) samples
@@ -46,7 +47,7 @@ def encoder_outputs(config, workdir, images) -> tuple[np.ndarray, np.ndarray, di
   """(predicted classes [N, H, W], top-2 logit margin [N, H, W], {"pooled", "spatial"} float64) of the
   trained encoder on uint8 images, computed here with the model alone (no pipeline, no scoring code)."""
   mesh = parallel.make_mesh()
-  model, variables, _ = segmenter.restore(config, workdir, segmenter.Run.metric_encoder(config), mesh)
+  model, variables, _ = segmenter.restore(config, workdir, resolved.SegmenterRun.metric_encoder(config), mesh)
   apply = jax.jit(functools.partial(model.apply, train=False, return_features=True))
   logits, features = apply(variables, np.stack(images).astype(np.float32) / np.float32(255.0))
   logits = np.asarray(logits, np.float64)
@@ -80,34 +81,26 @@ def gram_frechet(x: np.ndarray, y: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def cli():
-  """cli(mode, workdir, overrides) runs the CLI on TINY + overrides (conftest sets one BLAS thread for FID)."""
-  return lambda mode, workdir, overrides=None: run_main(mode, workdir, {**TINY, **(overrides or {})})
-
-
-@pytest.fixture(scope="module")
-def encoder(cli, tmp_path_factory):
+def encoder(segmenter_cli, tmp_path_factory):
   """The tiny demo prepared and its metric encoder trained with --mode=train_metric_encoder (30 steps)."""
-  workdir = str(tmp_path_factory.mktemp("quality"))
-  config = load_config("demo", **TINY)
-  prepare.run(config, workdir)
-  cli("train_metric_encoder", workdir)
+  config, workdir = prepared_demo(tmp_path_factory, "quality", TINY_SEGMENTER_RUN)
+  segmenter_cli("train_metric_encoder", workdir)
   return config, workdir
 
 
-def evaluate_samples(cli, workdir, synthetic_dir=None) -> tuple[dict, str]:
+def evaluate_samples(segmenter_cli, workdir, synthetic_dir=None) -> tuple[dict, str]:
   """(metrics/sample_quality_<set>.json, stdout) of --mode=evaluate_samples on data.synthetic_dir (default: unset)."""
-  stdout = cli("evaluate_samples", workdir, {"data.synthetic_dir": synthetic_dir} if synthetic_dir else None)
+  stdout = segmenter_cli("evaluate_samples", workdir, {"data.synthetic_dir": synthetic_dir} if synthetic_dir else None)
   name = os.path.basename(synthetic_dir) if synthetic_dir else DEFAULT_SET
   return strict_json(os.path.join(workdir, "metrics", f"sample_quality_{name}.json")), stdout
 
 
 @pytest.fixture(scope="module")
-def real_as_synthetic(cli, encoder) -> dict:
+def real_as_synthetic(segmenter_cli, encoder) -> dict:
   """Scores of <workdir>/synthetic (the default) holding a copy of the real train records."""
   _, workdir = encoder
   shutil.copytree(os.path.join(workdir, "data", "train"), layout.synthetic_dir(workdir, DEFAULT_SET))
-  scores, stdout = evaluate_samples(cli, workdir)
+  scores, stdout = evaluate_samples(segmenter_cli, workdir)
   assert f"sample_quality_{DEFAULT_SET}: FID {scores['fid']:.4g}" in stdout
   return scores
 
@@ -120,11 +113,11 @@ def test_encoder_trains_in_its_own_run_and_a_rerun_changes_nothing(encoder):
   with open(os.path.join(workdir, "metrics", "metric_encoder.jsonl"), encoding="utf-8") as f:
     assert_loss_finite_and_falling([json.loads(line) for line in f])
   mesh = parallel.make_mesh()
-  run = segmenter.Run.metric_encoder(config)
-  before = sample_quality.weights_id(segmenter.restore(config, workdir, run, mesh)[1], 30)
-  metric_encoder.run(config, workdir)  # already at num_steps: restores, trains nothing
+  run = resolved.SegmenterRun.metric_encoder(config)
+  before = checkpoint.weights_id(run.name, segmenter.restore(config, workdir, run, mesh)[1], 30)
+  train_metric_encoder.run(config, workdir)  # already at num_steps: restores, trains nothing
   assert checkpoint.manager(encoder_dir, create=False).all_steps() == [15, 30]
-  assert sample_quality.weights_id(segmenter.restore(config, workdir, run, mesh)[1], 30) == before
+  assert checkpoint.weights_id(run.name, segmenter.restore(config, workdir, run, mesh)[1], 30) == before
 
 
 def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(encoder, real_as_synthetic):
@@ -158,7 +151,7 @@ def test_real_train_records_as_samples_score_fid_zero_and_the_encoders_own_miou(
 
 
 def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_counted_fidelity(
-    cli, encoder, real_as_synthetic, tmp_path):
+    segmenter_cli, encoder, real_as_synthetic, tmp_path):
   config, workdir = encoder
   k = config.data.num_classes
   rng = np.random.default_rng(0)
@@ -175,7 +168,7 @@ def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_cou
   write_pairs(tmp_path / "noise", config, noise, masks.astype(np.uint8))
   write_pairs(tmp_path / "image_only", config, real, [np.full((SIZE, SIZE), 255, np.uint8)] * len(real))
 
-  noisy, _ = evaluate_samples(cli, workdir, str(tmp_path / "noise"))
+  noisy, _ = evaluate_samples(segmenter_cli, workdir, str(tmp_path / "noise"))
   assert noisy["metric_encoder"] == real_as_synthetic["metric_encoder"] and noisy["num_synthetic"] == 6
   assert noisy["synthetic_dir"] == str(tmp_path / "noise")
   # FID/sFID against a float64 reference of our own (Gram-matrix form) on features taken here; rel
@@ -196,7 +189,7 @@ def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_cou
   assert 0.5 < noisy["label_fidelity"]["pixel_accuracy"] < 0.9  # ~0.75: a quarter of the pixels moved
 
   assert os.path.isfile(os.path.join(workdir, "report", "sample_quality_noise.png"))
-  image_only, _ = evaluate_samples(cli, workdir, str(tmp_path / "image_only"))
+  image_only, _ = evaluate_samples(segmenter_cli, workdir, str(tmp_path / "image_only"))
   assert image_only["label_fidelity_miou"] is None and image_only["label_fidelity"] is None
   assert image_only["class_tv"] is None  # no labelled pixel: no class shares to compare
   # The noise set's class shares: its masks' own, against the train split's.
@@ -212,8 +205,9 @@ def test_noise_samples_score_the_expected_distance_and_corrupted_masks_their_cou
 def test_weights_id_changes_with_any_weight_and_names_are_file_safe():
   weights = {"params": {"w": np.zeros((2, 3), np.float32)}, "batch_stats": {"mean": np.zeros(3, np.float32)}}
   changed = {**weights, "batch_stats": {"mean": np.array([0, 0, 1e-7], np.float32)}}
-  assert sample_quality.weights_id(weights, 7) == sample_quality.weights_id(weights, 7)
-  assert sample_quality.weights_id(weights, 7) != sample_quality.weights_id(changed, 7)
+  encoder = resolved.METRIC_ENCODER
+  assert checkpoint.weights_id(encoder, weights, 7) == checkpoint.weights_id(encoder, weights, 7)
+  assert checkpoint.weights_id(encoder, weights, 7) != checkpoint.weights_id(encoder, changed, 7)
   assert sample_quality.output_name("") == "sample_quality"
   assert sample_quality.output_name("image_only") == "sample_quality_image_only"
   with pytest.raises(ValueError, match=r"'\.\./x'"):

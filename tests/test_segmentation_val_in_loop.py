@@ -14,17 +14,17 @@ import optax
 import pytest
 from flax import traverse_util
 
-from conftest import load_config, run_main
-from satsynth_jax import parallel, segmenter
-from satsynth_jax.data import prepare
+from conftest import TINY_SEGMENTER_RUN, load_config, run_main
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.infra import parallel
+from satsynth_jax.jobs import prepare
 from satsynth_jax.train import loop, segmentation
 from satsynth_jax.train.state import TrainState
-from test_train_segmentation import TINY
 
 # 4 steps, evaluated at 2 and 4; augmentation on, so a resume must replay the data order too.
 # 8 val patches in one batch of 12: the last 4 rows are padding the evaluator must mask.
-OVERRIDES = {**TINY, "data.augment": True, "segmentation.train.num_steps": 4, "segmentation.train.log_every": 1,
-             "segmentation.train.checkpoint_every": 2, "segmentation.eval_every": 2,
+OVERRIDES = {**TINY_SEGMENTER_RUN, "data.augment": True, "segmentation.train.num_steps": 4,
+             "segmentation.train.log_every": 1, "segmentation.train.checkpoint_every": 2, "segmentation.eval_every": 2,
              "segmentation.eval_batch_size": 12}
 RUN = "unet_r0_s0"
 VAL_KEYS = {"val_miou", "val_mf1"}
@@ -71,7 +71,7 @@ def test_resumed_run_with_the_evaluator_equals_the_uninterrupted_one(straight, t
   shutil.rmtree(resumed / "checkpoints" / RUN / "4")  # as if stopped right after step 2
   run_main("train_segmentation", resumed, OVERRIDES)
   config, mesh = load_config("demo", **OVERRIDES), parallel.make_mesh()
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   (_, expected, step_a), (_, actual, step_b) = (segmenter.restore(config, w, run, mesh) for w in (straight, resumed))
   assert step_a == step_b == 4
   expected = traverse_util.flatten_dict(parallel.to_host(expected))
@@ -84,7 +84,7 @@ def test_resumed_run_with_the_evaluator_equals_the_uninterrupted_one(straight, t
 
 def test_eval_every_zero_builds_no_evaluator(tmp_path):
   config = load_config("demo", **{**OVERRIDES, "segmentation.eval_every": 0})
-  task = segmentation.make_task(config, str(tmp_path), parallel.make_mesh(), segmenter.Run.from_config(config))
+  task = segmentation.make_task(config, str(tmp_path), parallel.make_mesh(), resolved.SegmenterRun.from_config(config))
   assert task.evaluate is None and task.eval_every == 0
 
 

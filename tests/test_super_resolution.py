@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import REPO, load_config
-from satsynth_jax import config_check, generator, labels, parallel, workdir as layout
+from satsynth_jax import config_check, generator, labels
 from satsynth_jax.config_check import ConfigError
-from satsynth_jax.data import prepare
 from satsynth_jax.diffusion import conditioning, schedule
-from satsynth_jax.train import loop
-from satsynth_jax.train import super_resolution as sr
+from satsynth_jax.infra import parallel, workdir as layout
+from satsynth_jax.jobs import prepare
+from satsynth_jax.train import loop, super_resolution as sr
 
 TINY = {
     "data.image_size": 8, "data.patch_size": 32, "data.demo_num_scenes": 2, "data.demo_scene_size": 64,

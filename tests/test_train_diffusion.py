@@ -8,17 +8,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import TINY_G, load_config
-from satsynth_jax import generator, identity, parallel, resolved, sample, workdir as layout
-from satsynth_jax.data import prepare, records
-from satsynth_jax.train import diffusion, super_resolution
+from conftest import TINY_G_RUN, load_config, prepared_demo
+from satsynth_jax import generator, resolved
+from satsynth_jax.data import records
+from satsynth_jax.infra import identity, parallel, workdir as layout
+from satsynth_jax.jobs import sample, train_diffusion, train_sr
+from satsynth_jax.train import diffusion
 
-TINY = {
-    **TINY_G, "diffusion.train.num_steps": 4, "diffusion.train.warmup_steps": 2,
-    "diffusion.train.log_every": 2, "diffusion.train.checkpoint_every": 2, "diffusion.train.sample_every": 4, "diffusion.train.num_grid_samples": 4,
-    "diffusion.train.grid_sampler_steps": 5, "sample.per_real": 2, "sample.sampler": "ddim", "sample.ddim_steps": 5,
-    "sample.batch_size": 8, "sample.examples_per_shard": 8,
-}
+TINY = {**TINY_G_RUN, "diffusion.train.sample_every": 4, "diffusion.train.num_grid_samples": 4,
+        "diffusion.train.grid_sampler_steps": 5, "sample.per_real": 2, "sample.ddim_steps": 5, "sample.examples_per_shard": 8}
 
 
 def test_sharded_step_equals_single_device_step():
@@ -48,10 +46,8 @@ def test_sharded_step_equals_single_device_step():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  config = load_config("demo", **TINY)
-  prepare.run(config, workdir)
-  diffusion.run(config, workdir)
+  config, workdir = prepared_demo(tmp_path_factory, "demo", TINY)
+  train_diffusion.run(config, workdir)
   return config, workdir
 
 
@@ -109,7 +105,7 @@ def test_cascade_sampling_writes_super_resolved_records_and_a_side_by_side_grid(
   config.sr.train.update(batch_size=8, num_steps=2, warmup_steps=1, log_every=1, checkpoint_every=2, sample_every=0)
   config.sample.super_resolve = True
   config.sample.per_real = 1
-  super_resolution.run(config, workdir)
+  train_sr.run(config, workdir)
   cascade_workdir = workdir + "_cascade"
   shutil.copytree(workdir, cascade_workdir, ignore=shutil.ignore_patterns("synthetic*"))
   sample.run(config, cascade_workdir)
@@ -127,7 +123,7 @@ def test_image_only_baseline_trains_without_label_channels_and_writes_blank_mask
   config.diffusion.joint_labels = False
   config.diffusion.train.num_steps = 2
   config.sample.per_real = 1
-  state = diffusion.run(config, workdir)
+  state = train_diffusion.run(config, workdir)
   assert state.params["conv_in"]["kernel"].shape[2] == 3  # RGB only
   sample.run(config, workdir)
   out = layout.synthetic_dir(workdir, "diffusion_x0_image_only")
@@ -140,7 +136,7 @@ def test_resuming_g_under_another_width_is_refused_naming_the_key(trained):
   wider = copy.deepcopy(config)
   wider.diffusion.model.ch = 64
   with pytest.raises(identity.SettingsMismatchError, match=r"diffusion\.model\.ch: 32 -> 64"):
-    diffusion.run(wider, workdir)
+    train_diffusion.run(wider, workdir)
 
 
 def test_sampling_builds_g_from_its_recorded_config_without_the_training_overrides(trained, tmp_path):
@@ -168,7 +164,7 @@ def test_g_killed_between_checkpoints_resumes_bit_for_bit(trained, tmp_path, mon
   data iterator and step come back from the checkpoint and the log drops the dead run's step 4."""
   import json  # noqa: PLC0415
 
-  from satsynth_jax import checkpoint  # noqa: PLC0415
+  from satsynth_jax.infra import checkpoint  # noqa: PLC0415
   from satsynth_jax.train import loop  # noqa: PLC0415
 
   config, reference = trained
@@ -186,9 +182,9 @@ def test_g_killed_between_checkpoints_resumes_bit_for_bit(trained, tmp_path, mon
   with monkeypatch.context() as patch:
     patch.setattr(loop.checkpoint, "save", save_unless_4)
     with pytest.raises(_Killed):
-      diffusion.run(config, resumed)
+      train_diffusion.run(config, resumed)
   assert sorted(os.listdir(os.path.join(resumed, "checkpoints", "diffusion_x0"))) == ["2", "config.json"]
-  got = diffusion.run(config, resumed)
+  got = train_diffusion.run(config, resumed)
 
   mesh = parallel.make_mesh()
   task = diffusion.make_task(config, reference, mesh)

@@ -17,45 +17,25 @@ import pytest
 from flax import traverse_util
 from safetensors.numpy import save_file
 
-from conftest import load_config, run_main
-from satsynth_jax import evaluate, parallel, segmenter
-from satsynth_jax.data import prepare, records
+from conftest import TINY_SEGMENTER_RUN, load_config, prepared_demo
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.data import records
+from satsynth_jax.infra import checkpoint, identity, parallel, workdir as layout
+from satsynth_jax.jobs import train_segmentation
 from satsynth_jax.metrics import segmentation as seg_metrics
 from satsynth_jax.models import resnet
 from satsynth_jax.train import optim, segmentation
 from satsynth_jax.train.state import TrainState
 
-# One 32 px demo scene -> 4 train patches of 16 px. The U-Net head on the smallest ResNet
-# classifies at full resolution, so it fits them in few steps (the FPN's logits are at
-# stride 4). With a constant schedule every run below, whatever its num_steps, compiles the
-# same train step.
-TINY = {
-    "data.demo_num_scenes": 1, "data.demo_scene_size": 32, "data.patch_size": 16, "data.image_size": 16,
-    "data.augment": False, "data.read_threads": 2,
-    "segmentation.architecture": "unet", "segmentation.backbone_stages": (1, 1, 1, 1),
-    "segmentation.base_width": 64,  # ResNet-50's widths: the ones torchvision weights fit
-    "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 30, "segmentation.train.lr": 3e-3,
-    "segmentation.train.schedule": "constant", "segmentation.train.warmup_steps": 0,
-    "segmentation.train.log_every": 10, "segmentation.train.checkpoint_every": 15,
-    "segmentation.eval_batch_size": 4,
-}
 NUM_TRAIN = 4
 SIZE = 16
 
 
 @pytest.fixture(scope="module")
-def cli():
-  """cli(mode, workdir, overrides) runs the CLI on TINY + overrides; returns stdout."""
-  return lambda mode, workdir, overrides=None: run_main(mode, workdir, {**TINY, **(overrides or {})})
-
-
-@pytest.fixture(scope="module")
-def trained(cli, tmp_path_factory):
+def trained(segmenter_cli, tmp_path_factory):
   """The demo prepared and a real-only (R=0) run trained for 30 steps with --mode=train_segmentation."""
-  workdir = str(tmp_path_factory.mktemp("seg"))
-  config = load_config("demo", **TINY)
-  prepare.run(config, workdir)
-  cli("train_segmentation", workdir)
+  config, workdir = prepared_demo(tmp_path_factory, "seg", TINY_SEGMENTER_RUN)
+  segmenter_cli("train_segmentation", workdir)
   return config, workdir
 
 
@@ -96,10 +76,10 @@ def copy_data(workdir, tmp_path) -> str:
 
 
 def test_run_names_separate_architectures_ratios_and_seeds():
-  assert segmenter.Run.from_config(load_config("demo")).name == "fpn_r0_s0"
-  run = segmenter.Run.from_config(load_config("demo", **{"segmentation.architecture": "unet",
+  assert resolved.SegmenterRun.from_config(load_config("demo")).name == "fpn_r0_s0"
+  run = resolved.SegmenterRun.from_config(load_config("demo", **{"segmentation.architecture": "unet",
                                                           "data.synthetic_ratio": 3, "seed": 2}))
-  assert run == segmenter.Run("unet_r3_diffusion_x0_s2", "unet", 3, 2, "diffusion_x0")
+  assert run == resolved.SegmenterRun("unet_r3_diffusion_x0_s2", "unet", 3, 2, "diffusion_x0")
 
 
 def _model_and_state(config, rng=0):
@@ -121,7 +101,7 @@ def test_cross_entropy_and_accuracy_skip_no_data_pixels():
 @pytest.mark.parametrize("head", ["fpn", "unet"])
 def test_train_step_traces_for_both_heads(head):
   """Shapes only (jax.eval_shape): the step's state keeps its structure and reports its metrics."""
-  config = load_config("demo", **{**TINY, "segmentation.architecture": head})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, "segmentation.architecture": head})
   model, init = _model_and_state(config)
   state = jax.eval_shape(lambda: init(jax.random.key(0)))
   batch = {"image": jax.ShapeDtypeStruct((4, SIZE, SIZE, 3), np.float32),
@@ -137,8 +117,8 @@ def test_train_step_traces_for_both_heads(head):
 def test_segmenter_overfits_the_demo_train_split(trained):
   config, workdir = trained
   mesh = parallel.make_mesh()
-  model, variables, step = segmenter.restore(config, workdir, segmenter.Run.from_config(config), mesh)
-  result = evaluate.evaluate_split(config, model, variables, os.path.join(workdir, "data", "train"), mesh)
+  model, variables, step = segmenter.restore(config, workdir, resolved.SegmenterRun.from_config(config), mesh)
+  result = segmenter.evaluate_split(config, model, variables, os.path.join(workdir, "data", "train"), mesh)
   scores = seg_metrics.segmentation_scores(result.confusion, config.data.class_names)
   assert step == 30 and result.num_examples == NUM_TRAIN
   assert result.confusion.sum() == NUM_TRAIN * SIZE * SIZE
@@ -150,11 +130,23 @@ def test_segmenter_overfits_the_demo_train_split(trained):
   assert all(entry["synthetic_fraction"] == 0.0 for entry in log)
 
 
+def test_a_run_resumed_at_another_data_image_size_is_refused_naming_its_input_size(trained):
+  """segmentation.image_size=0 follows data.image_size: the run trained at 16 px is not resumed at 8 px
+  (its weights would fit, so only the recorded input size can tell)."""
+  config, workdir = trained
+  smaller = load_config("demo", **{**TINY_SEGMENTER_RUN, "data.image_size": 8,
+                                   "segmentation.train.num_steps": 40})
+  with pytest.raises(identity.SettingsMismatchError, match=r"run 'unet_r0_s0' was made with other settings "
+                                                           r"\(input_size: 16 -> 8\)"):
+    train_segmentation.run(smaller, workdir)
+  assert checkpoint.latest_step(layout.checkpoint_dir(workdir, "unet_r0_s0")) == 30
+
+
 def test_only_the_first_r_times_d_synthetic_pairs_join_training(trained, synthetic_dir):
-  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 2)})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, **mixed(synthetic_dir, 2)})
   synth_dir, count, _ = segmentation.synthetic_source(config, trained[1], 2, synthetic_dir)
   assert (synth_dir, count) == (synthetic_dir, 2 * NUM_TRAIN)
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   batches = segmentation.make_task(config, trained[1], parallel.make_mesh(), run, synthetic_dir).make_batches()
   seen = []
   for _ in range(12):
@@ -165,7 +157,8 @@ def test_only_the_first_r_times_d_synthetic_pairs_join_training(trained, synthet
 
 
 def test_synthetic_pairs_of_another_size_are_refused_unless_resizing_is_asked_for(trained, synthetic_dir):
-  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 2), "segmentation.image_size": 32})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, **mixed(synthetic_dir, 2),
+                                  "segmentation.image_size": 32})
   with pytest.raises(segmentation.SyntheticSizeError, match=r"pairs are 16x16 px but the segmenter's input is 32 px"):
     segmentation.synthetic_source(config, trained[1], 2, synthetic_dir)
   config.segmentation.resize_synthetic = True
@@ -173,26 +166,26 @@ def test_synthetic_pairs_of_another_size_are_refused_unless_resizing_is_asked_fo
 
 
 def test_asking_for_more_synthetic_pairs_than_exist_fails_before_training(trained, synthetic_dir, tmp_path):
-  config = load_config("demo", **{**TINY, **mixed(synthetic_dir, 4)})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, **mixed(synthetic_dir, 4)})
   with pytest.raises(segmentation.NotEnoughSyntheticDataError,
                      match=rf"synthetic_ratio=4 needs 4 x 4 = 16 synthetic pairs .* {synthetic_dir} holds 12"):
-    segmentation.run(config, copy_data(trained[1], tmp_path))
+    train_segmentation.run(config, copy_data(trained[1], tmp_path))
   assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_resumed_mixed_run_equals_uninterrupted_run(cli, trained, synthetic_dir, tmp_path):
+def test_resumed_mixed_run_equals_uninterrupted_run(segmenter_cli, trained, synthetic_dir, tmp_path):
   """4 steps in one go vs the same run restarted from its step-2 checkpoint, mixing and augmenting."""
   straight = copy_data(trained[1], tmp_path / "straight")
   overrides = mixed(synthetic_dir, 2, **{"segmentation.train.num_steps": 4, "segmentation.train.log_every": 1,
                                          "segmentation.train.checkpoint_every": 2})
-  cli("train_segmentation", straight, overrides)
+  segmenter_cli("train_segmentation", straight, overrides)
   resumed = tmp_path / "resumed"
   shutil.copytree(straight, resumed)
-  config, mesh = load_config("demo", **{**TINY, **overrides}), parallel.make_mesh()
-  run = segmenter.Run.from_config(config)
+  config, mesh = load_config("demo", **{**TINY_SEGMENTER_RUN, **overrides}), parallel.make_mesh()
+  run = resolved.SegmenterRun.from_config(config)
   assert run.name == f"unet_r2_{os.path.basename(synthetic_dir)}_s0"
   shutil.rmtree(resumed / "checkpoints" / run.name / "4")  # as if stopped right after step 2
-  cli("train_segmentation", resumed, overrides)
+  segmenter_cli("train_segmentation", resumed, overrides)
   (_, expected, step_a), (_, actual, step_b) = (segmenter.restore(config, w, run, mesh)
                                                 for w in (straight, resumed))
   assert step_a == step_b == 4
@@ -224,7 +217,7 @@ def random_variables(model, size: int, seed: int) -> dict:
 
 
 def test_pretrained_backbone_replaces_the_random_one(tmp_path, monkeypatch):
-  config = load_config("demo", **TINY)
+  config = load_config("demo", **TINY_SEGMENTER_RUN)
   weights = random_variables(resnet.ResNet((1, 1, 1, 1)), SIZE, seed=7)
   path = tmp_path / "resnet.safetensors"
   save_file(resnet.torchvision_state_dict(weights["params"], weights["batch_stats"]), str(path))
@@ -245,15 +238,15 @@ def test_pretrained_backbone_replaces_the_random_one(tmp_path, monkeypatch):
 
 def test_missing_pretrained_file_is_named(tmp_path):
   missing = str(tmp_path / "nope.safetensors")
-  config = load_config("demo", **{**TINY, "segmentation.pretrained_path": missing})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, "segmentation.pretrained_path": missing})
   with pytest.raises(resnet.PretrainedWeightsError,
                      match=rf"segmentation.pretrained_path: {missing}: no such pretrained weights file"):
     segmentation.load_backbone(config, segmenter.build(config, "unet"))
 
 
-def test_cli_evaluates_the_trained_run(cli, trained):
+def test_cli_evaluates_the_trained_run(segmenter_cli, trained):
   config, workdir = trained
-  stdout = cli("evaluate", workdir)
+  stdout = segmenter_cli("evaluate", workdir)
   summary = json.loads(open(os.path.join(workdir, "metrics", "eval_unet_r0_s0.json")).read())
   assert summary["checkpoint_step"] == 30
   assert summary["splits"]["val"]["num_examples"] == 8 and summary["splits"]["test"]["num_examples"] == 16
@@ -300,7 +293,7 @@ def test_batchnorm_statistics_and_params_match_across_device_counts():
   The smallest net that still has BatchNorm everywhere (ResNet of one block per stage at 1/8
   width, U-Net decoder) on 8 images of 16 px, 2 per device.
   """
-  config = load_config("demo", **{**TINY, "segmentation.base_width": 8})
+  config = load_config("demo", **{**TINY_SEGMENTER_RUN, "segmentation.base_width": 8})
   model = segmenter.build(config, "unet")
   variables = _he_variables(model, SIZE, seed=0)
   lr = 0.1

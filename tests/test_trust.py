@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, config_flag, cpu_env, load_config, run_main
-from satsynth_jax import checkpoint, identity, lock, resolved, segmenter, workdir as layout
-from satsynth_jax.data import prepare, records
+from satsynth_jax import resolved, segmenter
+from satsynth_jax.data import records, splits
+from satsynth_jax.infra import checkpoint, cli as command_line, identity, lock, workdir as layout
+from satsynth_jax.jobs import prepare
 from satsynth_jax.train import segmentation
 from test_reliability import RUN, TINY, cli, error_line
 from test_reliability_checkpoint import _abstract, _inference_abstract, _init, _mesh
@@ -60,16 +62,16 @@ def test_g_is_neither_resumed_nor_sampled_on_data_prepared_again_at_another_size
 
 
 def test_the_prepared_check_refuses_a_workdir_prepared_at_another_patch_size(sampled):
-  assert prepare.prepared(load_config("demo", **TINY), sampled)
-  with pytest.raises(prepare.PrepareError, match=r"data\.patch_size 32 -> 16"):
-    prepare.prepared(load_config("demo", **{**TINY, "data.patch_size": 16}), sampled)
+  assert prepare.is_complete(load_config("demo", **TINY), sampled)
+  with pytest.raises(splits.PrepareError, match=r"data\.patch_size 32 -> 16"):
+    prepare.is_complete(load_config("demo", **{**TINY, "data.patch_size": 16}), sampled)
 
 
 # ---- item 4: a settings mismatch is named as one, never as damage ----
 
-def _segmenter_run(config, workdir) -> segmenter.Run:
+def _segmenter_run(config, workdir) -> resolved.SegmenterRun:
   """A segmenter run as training leaves it: its config.json and one checkpoint (its initial weights)."""
-  run = segmenter.Run.from_config(config)
+  run = resolved.SegmenterRun.from_config(config)
   model = segmenter.build(config, run.architecture)
   state = segmentation.init_state(model, resolved.segmenter_size(config), config.segmentation.train,
                                   jax.random.key(0))
@@ -208,6 +210,18 @@ def test_rerunning_sample_redraws_a_truncated_shard_and_finishes_the_set(copy):
   assert records.shard_entry(shard)["count"] == 4 and records.read_manifest(out)["num_examples"] == 16
 
 
+def test_sampling_with_data_synthetic_dir_finishes_the_set_there_and_nowhere_else(copy, tmp_path):
+  """data.synthetic_dir is where --mode=sample writes (curate, the arms and evaluate_samples read it there)."""
+  drawn = layout.synthetic_dir(copy, SET)
+  elsewhere = tmp_path / "elsewhere" / "my_set"
+  shutil.copytree(drawn, elsewhere)
+  (elsewhere / records.MANIFEST).unlink()  # every shard drawn, but not the manifest that finishes the set
+  untouched = (drawn / records.MANIFEST).stat().st_mtime_ns
+  run_main("sample", copy, {**TINY, "data.synthetic_dir": str(elsewhere)})
+  assert records.read_manifest(elsewhere)["num_examples"] == 16
+  assert (drawn / records.MANIFEST).stat().st_mtime_ns == untouched
+
+
 # ---- the guards, held while they are relied on ----
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -240,7 +254,7 @@ def test_a_lock_is_held_for_the_whole_block(tmp_path):
 @pytest.mark.parametrize("mode", ["sample", "experiment"])
 def test_the_job_lock_is_held_while_the_job_runs(tmp_path, mode):
   from satsynth_jax import main  # noqa: PLC0415  (main defines the absl flags)
-  with main._job_lock(tmp_path, mode, True, 1):
+  with command_line.job_lock(tmp_path, main.LOCKED_KINDS[mode], mode, True, 1):
     for kind in main.LOCKED_KINDS[mode]:  # what a second job of any of these kinds meets mid-job
       with pytest.raises(lock.LockHeldError, match=rf"{kind}\.lock: held by pid {os.getpid()} "):
         with lock.hold(tmp_path, [kind], kind):
@@ -250,7 +264,7 @@ def test_the_job_lock_is_held_while_the_job_runs(tmp_path, mode):
 
 
 def _first_batch(config, workdir, seed: int) -> np.ndarray:
-  task = segmentation.make_task(config, workdir, _mesh(), segmenter.Run.arm(config, 0, seed, None))
+  task = segmentation.make_task(config, workdir, _mesh(), resolved.SegmenterRun.arm(config, 0, seed, None))
   return np.asarray(next(task.make_batches())["image"])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from satsynth_jax import viz
+from satsynth_jax.infra import viz
 
 PALETTE = ((0, 0, 0), (255, 0, 0), (0, 0, 255))
 

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flag, cpu_env, load_config
+from conftest import REPO, TINY_EXPERIMENT, config_flag, cpu_env, load_config
 from satsynth_jax import config_check
 from satsynth_jax.main import MODES
 from test_reliability import error_line
@@ -18,17 +18,13 @@ from test_sources import save
 
 CLASSES = {"data.format": "folder", "data.num_classes": 3, "data.class_names": "('a','b','c')",
            "data.palette": "((0,0,0),(9,9,9),(99,99,99))"}
-# The smallest G and segmenter that run (tests/test_experiment.py SHRUNK) on 16 px patches of 32 px scenes.
+# The smallest experiment on 16 px patches of 32 px scenes, each model trained for 2 steps.
 TINY = {
-    **CLASSES, "data.patch_size": 16, "data.image_size": 16, "data.read_threads": 1,
-    "diffusion.model.ch_mult": "(1,)", "diffusion.model.attn_resolutions": "()", "diffusion.timesteps": 50,
-    "diffusion.train.batch_size": 8, "diffusion.train.num_steps": 2, "diffusion.train.warmup_steps": 1,
-    "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": 2, "diffusion.train.sample_every": 0,
-    "sample.per_real": 1, "sample.ddim_steps": 2, "sample.batch_size": 8, "sample.examples_per_shard": 8,
-    "segmentation.architecture": "unet", "segmentation.train.batch_size": 4, "segmentation.train.num_steps": 2,
-    "segmentation.train.warmup_steps": 1, "segmentation.train.log_every": 1,
-    "segmentation.train.checkpoint_every": 2, "segmentation.eval_batch_size": 8,
-    "experiment.seeds": 1, "experiment.arms": "('raw',)", "curation.enabled": False,
+    **TINY_EXPERIMENT, **CLASSES, "data.patch_size": 16, "data.read_threads": 1,
+    "diffusion.train.num_steps": 2, "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": 2,
+    "sample.ddim_steps": 2, "segmentation.train.num_steps": 2, "segmentation.train.log_every": 1,
+    "segmentation.train.checkpoint_every": 2, "experiment.seeds": 1, "experiment.arms": "('raw',)",
+    "curation.enabled": False,
 }
 
 

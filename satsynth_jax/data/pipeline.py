@@ -59,7 +59,7 @@ from PIL import Image
 
 from satsynth_jax import labels, resolved
 from satsynth_jax.data import records
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra.errors import SatSynthError
 
 Example = dict[str, Any]
 

@@ -25,8 +25,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from satsynth_jax import atomic
 from satsynth_jax.data import tfds_metadata, tfrecord
+from satsynth_jax.infra import atomic
 # Re-exported: callers name them records.as_path / records.RecordError.
 from satsynth_jax.data.tfrecord import RecordError, as_path  # noqa: F401
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import pathlib
 
-from satsynth_jax import atomic
+from satsynth_jax.infra import atomic
 
 DATASET_INFO = "dataset_info.json"
 FEATURES = "features.json"

@@ -25,8 +25,8 @@ import numpy as np
 from etils import epath
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from satsynth_jax import atomic
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import atomic
+from satsynth_jax.infra.errors import SatSynthError
 
 _LENGTH = struct.Struct("<Q")
 _HEADER = struct.Struct("<QI")  # record length, masked CRC32C of the length bytes

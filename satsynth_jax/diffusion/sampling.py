@@ -28,6 +28,7 @@ from satsynth_jax.diffusion.schedule import (Schedule, check_prediction, posteri
                                              predict_eps_from_x0, predict_x0)
 
 DenoiseFn = Callable[..., jax.Array]  # (x_t, t[, x0_prev]) -> output
+SAMPLERS = ("ddpm", "ddim")  # sample.sampler: `sample` dispatches over them
 
 
 def make_denoise_fn(apply_fn: Callable[..., jax.Array], params: Any, cond: jax.Array | None = None,
@@ -151,3 +152,14 @@ def sample_ddim(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], 
   init = (x, _self_cond(jnp.zeros_like(x), self_condition))
   (x, _), _ = jax.lax.scan(step, init, (jnp.asarray(timesteps, jnp.int32), abar, abar_prev))
   return jnp.clip(x, -1.0, 1.0)
+
+
+def sample(denoise_fn: DenoiseFn, sched: Schedule, shape: tuple[int, ...], rng: jax.Array, *, sampler: str,
+           ddim_steps: int = 50, ddim_eta: float = 0.0, **options) -> jax.Array:
+  """The one sampler dispatch: ancestral DDPM over all T steps, or DDIM over `ddim_steps` with noise `ddim_eta`;
+  `options` (prediction, clip_x0, self_condition, sharding) go to the sampler as documented there."""
+  if sampler == "ddpm":
+    return sample_ddpm(denoise_fn, sched, shape, rng, **options)
+  if sampler == "ddim":
+    return sample_ddim(denoise_fn, sched, shape, rng, num_steps=ddim_steps, eta=ddim_eta, **options)
+  raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

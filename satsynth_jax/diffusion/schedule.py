@@ -2,7 +2,7 @@
 
 The schedule is a pytree of float32 tables indexed by timestep; it can be passed into
 or closed over by jitted code. Lookups use plain integer indexing, which works with a
-batch-sharded `t` under a mesh with Auto axes (the mesh `parallel.py` builds).
+batch-sharded `t` under a mesh with Auto axes (the mesh `infra/parallel.py` builds).
 """
 
 from __future__ import annotations

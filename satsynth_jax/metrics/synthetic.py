@@ -1,6 +1,6 @@
 """How a synthetic set's labels compare with the real ones: class shares, their distance, presence accuracy.
 
-Pure NumPy on counts and presence vectors; sample_quality.py and the generator benchmarks use them.
+Pure NumPy on counts and presence vectors; jobs/sample_quality.py and the generator benchmarks use them.
 """
 
 from __future__ import annotations

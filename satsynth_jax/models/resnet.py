@@ -29,7 +29,7 @@ from flax import traverse_util
 from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra.errors import SatSynthError
 from satsynth_jax.models import layers
 
 RESNET50_STAGES = (3, 4, 6, 3)

@@ -1,7 +1,8 @@
-"""`--mode=train_diffusion`: train G, the joint image+mask DDPM, on the real train split.
+"""G's training task (jobs/train_diffusion.py runs it): the joint image+mask DDPM on the real train split.
 
 The model, schedule and sampler live in generator.py (shared with inference); this module
-holds the loss step, the input batches and the periodic preview grid.
+holds the loss step, the input batches and the periodic preview grid, and builds the loop's
+Task of any diffusion U-Net (G here, G_SR in train/super_resolution.py).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from satsynth_jax import generator, parallel, resolved, viz, workdir as layout
+from satsynth_jax import generator, resolved
 from satsynth_jax.data import pipeline
 from satsynth_jax.diffusion import guidance, schedule
+from satsynth_jax.infra import parallel, viz, workdir as layout
 from satsynth_jax.models.unet import UNet
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
@@ -92,21 +94,26 @@ def step_fn(config, model: UNet, t):
 
 
 def make_task(config, workdir, mesh) -> loop.Task:
-  t = config.diffusion.train
-  model = generator.build_g(config)
-  batch = parallel.per_process_batch_size(t.batch_size, "diffusion.train.batch_size", mesh)
+  """The loop's task for G."""
+  return diffusion_task(config, workdir, mesh, section="diffusion", name=resolved.g_run(config),
+                        model=generator.build_g(config), size=config.data.image_size,
+                        batches=functools.partial(_batches, config, workdir), preview=_preview,
+                        shaping=generator.g_shaping)
+
+
+def diffusion_task(config, workdir, mesh, *, section: str, name: str, model: UNet, size: int, batches, preview,
+                   shaping, conditional: bool = False) -> loop.Task:
+  """The loop's task for a diffusion U-Net trained with config.<section>.train (G's or G_SR's): `batches(batch)`
+  gives the per-process batch iterator, `preview(config, model, mesh, workdir)` the grid writer, `shaping(config,
+  workdir)` the run's identity; `conditional` adds G_SR's condition input."""
+  t = config[section].train
+  batch = parallel.per_process_batch_size(t.batch_size, f"{section}.train.batch_size", mesh)
   return loop.Task(
-      name=resolved.g_run(config),
-      init=functools.partial(init_state, model, config.data.image_size, generator.joint_channels(config), t),
+      name=name,
+      init=functools.partial(init_state, model, size, generator.joint_channels(config), t, conditional=conditional),
       step=step_fn(config, model, t),
-      make_batches=functools.partial(_batches, config, workdir, batch),
-      preview=_preview(config, model, mesh, workdir) if t.sample_every else None,
+      make_batches=functools.partial(batches, batch),
+      preview=preview(config, model, mesh, workdir) if t.sample_every else None,
       config=config,
-      shaping=functools.partial(generator.g_shaping, config, workdir),
+      shaping=functools.partial(shaping, config, workdir),
   )
-
-
-def run(config, workdir) -> TrainState:
-  """--mode=train_diffusion: train G on <workdir>/data/train, resuming from its last checkpoint."""
-  mesh = parallel.make_mesh()
-  return loop.train(make_task(config, workdir, mesh), config.diffusion.train, workdir, seed=config.seed, mesh=mesh)

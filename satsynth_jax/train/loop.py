@@ -24,9 +24,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from satsynth_jax import checkpoint, identity, parallel, workdir as layout
-from satsynth_jax.errors import SatSynthError
-from satsynth_jax.metric_writer import MetricWriter
+from satsynth_jax.infra import checkpoint, identity, parallel, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
+from satsynth_jax.infra.metric_writer import MetricWriter
 from satsynth_jax.train.state import TrainState
 
 
@@ -48,7 +48,7 @@ class Task:
   # Run on every process at steps that are multiples of eval_every (0: never); only logged.
   evaluate: Callable[[TrainState], dict[str, float]] | None = None
   eval_every: int = 0
-  # The run's identity (identity.py): the resolved config and the settings that shape the run,
+  # The run's identity (infra/identity.py): the resolved config and the settings that shape the run,
   # recorded beside its checkpoints; resuming under other shaping settings is refused. A function,
   # called when training starts: the shaping names the prepared data, which a task built only to
   # time or inspect its step never reads.
@@ -191,6 +191,22 @@ def abstract_state(task: Task, mesh: jax.sharding.Mesh, seed: int):
   return checkpoint.abstract_like(jax.eval_shape(task.init, jax.random.key(seed)), parallel.replicated(mesh))
 
 
+# The remedy when a finished run was trained under other settings (experiment stages check this first).
+OTHER_SETTINGS_REMEDY = "use another --workdir, or delete that folder to redo the stage with this config"
+
+
+def is_trained(workdir, run: str, num_steps: int, shaping: Callable[[], dict]) -> bool:
+  """Whether run `run` reached `num_steps` under these shaping settings; a run recorded under others is
+  refused (identity.SettingsMismatchError). `shaping` is called only once the run has a checkpoint."""
+  directory = layout.checkpoint_dir(workdir, run)
+  step = checkpoint.latest_step(directory)
+  if step is None:
+    return False
+  recorded = identity.read_existing(directory, f"checkpoints of run {run!r}")
+  identity.compare(directory, recorded["shaping"], shaping(), f"run {run!r}", OTHER_SETTINGS_REMEDY)
+  return step >= num_steps
+
+
 def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None = None) -> TrainState:
   """Run (or resume) `task` to `t.num_steps`; returns the final state.
 
@@ -211,7 +227,7 @@ def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None =
   mngr = checkpoint.manager(ckpt_dir, max_to_keep=t.keep_checkpoints)
   resumed_from = None
   if mngr.latest_step() is not None:  # restore into shapes only: no init to compile or run
-    # Verified on restore (checkpoint.py): a damaged step stops here, or is skipped with
+    # Verified on restore (infra/checkpoint.py): a damaged step stops here, or is skipped with
     # --allow_checkpoint_fallback; state.step is the step really restored.
     state, _ = checkpoint.restore(mngr, abstract_state(task, mesh, seed), data_iter=batches)
     resumed_from = int(state.step)

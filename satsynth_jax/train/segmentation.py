@@ -1,12 +1,13 @@
-"""`--mode=train_segmentation`: train a segmenter run (FPN or U-Net on a ResNet) with masked cross-entropy.
+"""A segmenter run's training task (jobs/train_segmentation.py runs it): FPN or U-Net on a ResNet, masked
+cross-entropy.
 
-A run (segmenter.Run) trains on the real split D, or on D u D' when its synthetic ratio
+A run (resolved.SegmenterRun) trains on the real split D, or on D u D' when its synthetic ratio
 R > 0: the first R x |D| synthetic pairs join, mixed into every batch at
 data.synthetic_fraction (the pipeline oversamples the smaller set, as the paper does). Each
 run has its own checkpoints, `<workdir>/checkpoints/<run>/`, so the paper's D vs D u D'
 comparison lives in one workdir.
 
-Every segmentation.eval_every steps the run scores the val split (evaluate.Evaluator, the
+Every segmentation.eval_every steps the run scores the val split (segmenter.Evaluator, the
 program --mode=evaluate runs) and logs val_miou / val_mf1 beside its loss. Those points are
 a curve to watch, never a selection: a run's reported score is --mode=evaluate's on its last
 checkpoint, and no checkpoint is kept or picked for its val score.
@@ -23,9 +24,10 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from satsynth_jax import checkpoint, evaluate, identity, parallel, resolved, segmenter, workdir as layout
+from satsynth_jax import resolved, segmenter
 from satsynth_jax.data import pipeline, records
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import checkpoint, identity, parallel, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
 from satsynth_jax.models import resnet
 from satsynth_jax.train import loop, optim
 from satsynth_jax.train.state import TrainState
@@ -107,7 +109,7 @@ def train_step(state: TrainState, batch, *, model: nn.Module, ignore_index: int,
 VAL_SCORES = ("miou", "mf1", "miou_no_background", "mf1_no_background")  # logged as val_<name>
 
 
-def val_scores(evaluator: evaluate.Evaluator, state: TrainState) -> dict[str, float]:
+def val_scores(evaluator: segmenter.Evaluator, state: TrainState) -> dict[str, float]:
   """val_miou, val_mf1 (and the means w/o background, if the dataset has one) of the live state.
 
   Scores the variables a checkpoint of `state` would hold for --mode=evaluate (EMA if kept).
@@ -148,22 +150,30 @@ def synthetic_source(config, workdir, ratio: int,
         f"(segmentation.image_size; 0 = data.image_size); "
         f"set segmentation.image_size={size}, sample at {wanted} px (sample.super_resolve / sr.image_size), or "
         f"pass --config.segmentation.resize_synthetic=True to resize them")
+  return os.fspath(synthetic_dir), needed, set_identity(synthetic_dir)
+
+
+def set_identity(synthetic_dir) -> dict:
+  """What a run records of the set it mixes in: the set's recorded shaping, else its size and source."""
   recorded = identity.read(synthetic_dir)
-  set_identity = recorded["shaping"] if recorded else {"num_examples": available, "source": manifest["source"]}
-  return os.fspath(synthetic_dir), needed, set_identity
+  if recorded:
+    return recorded["shaping"]
+  manifest = records.read_manifest(synthetic_dir)
+  return {"num_examples": manifest["num_examples"], "source": manifest["source"]}
 
 
-def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> loop.Task:
+def make_task(config, workdir, mesh, run: resolved.SegmenterRun, synthetic_dir=None) -> loop.Task:
   """The loop's task for `run`; `synthetic_dir` is the set mixed in when run.synthetic_ratio > 0."""
   t = config.segmentation.train
   model = segmenter.build(config, run.architecture)
-  synthetic, synthetic_count, set_identity = synthetic_source(config, workdir, run.synthetic_ratio, synthetic_dir)
+  synthetic, synthetic_count, synthetic_identity = synthetic_source(config, workdir, run.synthetic_ratio,
+                                                                      synthetic_dir)
   backbone = load_backbone(config, model)
   _, lr_schedule = optim.make_optimizer(t)
   batch = parallel.per_process_batch_size(t.batch_size, "segmentation.train.batch_size", mesh)
   every = config.segmentation.eval_every
   # Its own ordered pass over val: the run's batch iterator and step keys are never touched.
-  evaluator = evaluate.Evaluator(config, model, layout.data_dir(workdir, "val"), mesh) if every else None
+  evaluator = segmenter.Evaluator(config, model, layout.data_dir(workdir, "val"), mesh) if every else None
   return loop.Task(
       name=run.name,
       init=functools.partial(init_state, model, resolved.segmenter_size(config), t, backbone=backbone),
@@ -175,17 +185,5 @@ def make_task(config, workdir, mesh, run: segmenter.Run, synthetic_dir=None) -> 
       evaluate=functools.partial(val_scores, evaluator) if evaluator else None,
       eval_every=every,
       config=config,
-      shaping=functools.partial(segmenter.shaping, config, run, set_identity, workdir),
+      shaping=functools.partial(segmenter.shaping, config, run, synthetic_identity, workdir),
   )
-
-
-def train_run(config, workdir, run: segmenter.Run, synthetic_dir=None) -> TrainState:
-  """Train (or resume) one segmenter run."""
-  mesh = parallel.make_mesh()
-  return loop.train(make_task(config, workdir, mesh, run, synthetic_dir), config.segmentation.train, workdir,
-                    seed=run.seed, mesh=mesh)
-
-
-def run(config, workdir) -> TrainState:
-  """--mode=train_segmentation: train this config's run (data.synthetic_ratio), resuming from its checkpoint."""
-  return train_run(config, workdir, segmenter.Run.from_config(config), resolved.synthetic_dir(config, workdir))

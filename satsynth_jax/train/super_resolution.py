@@ -1,4 +1,4 @@
-"""`--mode=train_sr`: train G_SR, the cascade's super-resolution DDPM, on real pairs.
+"""G_SR's training task (jobs/train_sr.py runs it): the cascade's super-resolution DDPM, on real pairs.
 
 G_SR is G's U-Net at `sr.image_size` with its own `sr.model` and `sr.train`, and G's noise
 schedule (`config.diffusion`); generator.py builds and samples it. Each training pair is a
@@ -15,9 +15,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from satsynth_jax import generator, parallel, resolved, viz, workdir as layout
+from satsynth_jax import generator, resolved
 from satsynth_jax.data import pipeline
 from satsynth_jax.diffusion import conditioning
+from satsynth_jax.infra import parallel, viz, workdir as layout
 from satsynth_jax.train import diffusion, loop
 from satsynth_jax.train.state import TrainState
 
@@ -76,26 +77,9 @@ def _preview(config, model, mesh, workdir):
 
 
 def make_task(config, workdir, mesh) -> loop.Task:
-  if config.data.patch_size < config.sr.image_size:
-    logging.warning("data.patch_size=%d < sr.image_size=%d: G_SR trains on enlarged patches, so it learns to "
-                    "upsample blurry targets; prepare larger patches for it", config.data.patch_size,
-                    config.sr.image_size)
-  t = config.sr.train
-  model = generator.build_sr(config)
-  batch = parallel.per_process_batch_size(t.batch_size, "sr.train.batch_size", mesh)
-  return loop.Task(
-      name=resolved.sr_run(config),
-      init=functools.partial(diffusion.init_state, model, config.sr.image_size, generator.joint_channels(config), t,
-                             conditional=True),
-      step=diffusion.step_fn(config, model, t),
-      make_batches=lambda: iter(sr_batches(config, workdir, batch_size=batch, seed=config.seed)),
-      preview=_preview(config, model, mesh, workdir) if t.sample_every else None,
-      config=config,
-      shaping=functools.partial(generator.sr_shaping, config, workdir),
-  )
-
-
-def run(config, workdir) -> TrainState:
-  """--mode=train_sr: train G_SR on <workdir>/data/train, resuming from its last checkpoint."""
-  mesh = parallel.make_mesh()
-  return loop.train(make_task(config, workdir, mesh), config.sr.train, workdir, seed=config.seed, mesh=mesh)
+  """The loop's task for G_SR."""
+  return diffusion.diffusion_task(
+      config, workdir, mesh, section="sr", name=resolved.sr_run(config), model=generator.build_sr(config),
+      size=config.sr.image_size,
+      batches=lambda batch: iter(sr_batches(config, workdir, batch_size=batch, seed=config.seed)),
+      preview=_preview, shaping=generator.sr_shaping, conditional=True)

@@ -6,3 +6,6 @@ assigned and a partial download reported before any pixel is read. `scenes.load_
 then reads one scene with the checks every dataset needs (sizes match, classes in range,
 no oversized images). `demo` draws procedural scenes in the folder layout.
 """
+
+# data.format -> the converter module of that name (the demo writes a `folder` download first).
+FORMATS = ("isaid", "loveda", "openearthmap", "folder", "demo")

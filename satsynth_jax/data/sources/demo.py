@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from skimage import draw, transform
 
-from satsynth_jax import viz
+from satsynth_jax.infra import viz
 
 FIELD, ROAD, BUILDING, WATER, TREE, VEHICLE = range(6)
 NUM_CLASSES = 6

@@ -20,9 +20,9 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra.errors import SatSynthError
 
-SPLITS = ("train", "val")  # a download's labelled splits; prepare.assign_splits gives them their roles
+SPLITS = ("train", "val")  # a download's labelled splits; data/splits.py gives them their roles
 TEST = "test"  # a labelled test split, which a folder download may have
 TIFF_SUFFIXES = (".tif", ".tiff")
 

@@ -27,10 +27,10 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import (atomic, checkpoint, generator, identity, parallel, presence, report, resolved, viz,
-                          workdir as layout)
-from satsynth_jax.data import records
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax import generator, labels, presence, resolved
+from satsynth_jax.data import pipeline, records
+from satsynth_jax.infra import atomic, checkpoint, identity, parallel, report, viz, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
 
 
 class SampleError(SatSynthError, ValueError):
@@ -202,10 +202,26 @@ def run(config, workdir) -> None:
 
 def _requests(config, gconfig, workdir, out_dir, total: int, *, write: bool) -> np.ndarray | None:
   """The plan's request per pair (None: unconditional), saved beside the set as presence.REQUESTS_FILE."""
-  requests = presence.requests_for(config, gconfig, layout.data_dir(workdir, "train"), total)
-  if requests is not None and write:
+  s = config.sample
+  if s.presence == "none" or gconfig.diffusion.condition != "presence":
+    return None
+  train_dir = layout.data_dir(workdir, "train")
+  requests = presence.plan_vectors(s.presence, train_vectors(gconfig, train_dir), total,
+                                   class_pixels=records.read_manifest(train_dir)["class_pixels"],
+                                   require=presence.class_indices(gconfig.data.class_names, s.require_classes),
+                                   seed=config.seed)
+  if write:
     atomic.write(os.path.join(out_dir, presence.REQUESTS_FILE), lambda f: np.save(f, requests))
   return requests
+
+
+def train_vectors(config, record_dir) -> np.ndarray:
+  """uint8 [N, K]: the classes each real pair of `record_dir` holds at data.image_size (in record order),
+  as G (trained with `config`) saw them: the plans' input."""
+  source = pipeline.open_records(record_dir, config)
+  pairs = pipeline.pairs(source, config, seed=config.seed, train=False, process_index=0, process_count=1)
+  k = config.data.num_classes
+  return np.stack([labels.presence(pairs[i]["mask"], k) for i in range(len(pairs))]).astype(np.uint8)
 
 
 def _batch_requests(requests: np.ndarray | None, start: int, batch: int) -> np.ndarray | None:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from satsynth_jax import atomic
+from satsynth_jax.infra import atomic
 
 Array = np.ndarray
 RGB = tuple[int, int, int]

@@ -1,14 +1,14 @@
-"""`--mode=prepare`: a dataset download -> `<workdir>/data/{train,val}/` record shards + previews.
+"""`--mode=prepare`: a dataset download -> `<workdir>/data/{train,val,test}/` record shards + previews.
 
 Steps: list the download's scenes (config.data.format picks the converter; the demo draws
-its scenes first), give them their roles (assign_splits: train, val where settings are
+its scenes first), give them their roles (data/splits.py: train, val where settings are
 chosen, test where claims are made), read and check each scene, cut it into patches
 (tiling.py) and stream them into records. Patches that are entirely no-data are
 kept, so patch counts match the paper's (16 per 1024 px LoveDA tile).
 
 Nothing empty or stale passes as prepared: a split that would hold no patch (the patch
 size exceeds every scene) is refused before anything is written, and each manifest records
-the settings that shaped its split (`settings`). Re-running is idempotent: a split whose
+the settings that shaped its split (`settings`, data/splits.py). Re-running is idempotent: a split whose
 manifest.json exists is skipped if its settings equal the config's and refused, naming
 each difference, if not; one without a manifest (an interrupted write) is rebuilt. The
 download (data.source_dir) is read only while a split is left to write: every later job
@@ -19,10 +19,7 @@ patches, class shares, what the download lacked) is printed.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib
-import json
 import pathlib
 
 import ml_collections
@@ -30,129 +27,27 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import config_check, viz
-from satsynth_jax import workdir as paths
-from satsynth_jax.data import records, tiling
+from satsynth_jax.data import records, splits, tiling
 from satsynth_jax.data.sources import demo, scenes as scene_io
 from satsynth_jax.data.sources.scenes import Inventory, Scene
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import viz, workdir as layout
 
-SPLITS = paths.SPLITS
 PREVIEW_PATCHES = 16
 PREVIEW_TILE = 160  # px per preview tile (patches are scaled to it): 16 pairs in a ~1.3k px wide PNG
-SOURCE_KEY = "data.source_dir"
 
 
-class PrepareError(SatSynthError, ValueError):
-  """A split that would be empty, or one already prepared with other settings than the config's."""
-
-
-def split_settings(config: ml_collections.ConfigDict) -> dict:
-  """The config values that shape a split, by config key, as JSON stores them; its manifest records them.
-
-  The demo's scenes depend on its scene settings and seed instead of a source folder; a
-  download's split roles on the hold-out fractions and their seed. The download's folder
-  counts by its real path (source_path): however it is spelled, a rerun and every model's
-  identity (data_identity) see one folder. Jobs after prepare need no folder: without one,
-  the key is left out and check_settings takes the split's own.
-  """
-  data = config.data
-  values = {"data.format": data.format}
-  if data.format == "demo":
-    values |= {"data.demo_num_scenes": data.demo_num_scenes, "data.demo_scene_size": data.demo_scene_size,
-               "data.demo_seed": data.demo_seed}
-  else:
-    values |= {"data.val_fraction": data.val_fraction, "data.test_fraction": data.test_fraction,
-               "data.split_seed": data.split_seed}
-    if data.source_dir:
-      values[SOURCE_KEY] = str(source_path(data))
-  values |= {"data.patch_size": data.patch_size, "data.patch_stride": data.patch_stride or data.patch_size,
-             "data.num_classes": data.num_classes, "data.class_names": list(data.class_names),
-             "data.mask_format": data.mask_format, "data.label_offset": data.label_offset,
-             "data.ignore_raw_values": list(data.ignore_raw_values),
-             "data.max_no_data_fraction": data.max_no_data_fraction}
-  if data.mask_format == "rgb":
-    values["data.palette"] = [list(colour) for colour in data.palette]
-  return json.loads(json.dumps(values))  # tuples become lists, as in the manifest
-
-
-def source_path(data: ml_collections.ConfigDict) -> pathlib.Path:
-  """The download's folder by its real path: a symlink or `..` to the same folder is the same source."""
-  return pathlib.Path(data.source_dir).expanduser().resolve()
-
-
-# Manifests written before `settings` existed: the settings their own keys still tell.
-_LEGACY_KEYS = {"data.format": "source", "data.patch_size": "patch_size", "data.patch_stride": "patch_stride",
-                "data.num_classes": "num_classes", "data.class_names": "class_names"}
-
-
-def recorded_settings(manifest: dict) -> dict:
-  """The settings a split's manifest records (for a manifest from before `settings`, those its keys tell)."""
-  if manifest.get("settings") is not None:
-    return manifest["settings"]
-  return {key: manifest[name] for key, name in _LEGACY_KEYS.items() if name in manifest}
-
-
-def check_settings(split: str, manifest: dict, config: ml_collections.ConfigDict, workdir) -> None:
-  """Refuse a prepared split whose recorded settings differ from the config's, naming each key (a
-  config naming no download folder takes the split's: the prepared records are what later jobs read)."""
-  old = recorded_settings(manifest)
-  new = split_settings(config)
-  if manifest.get("settings") is None:
-    new = {key: value for key, value in new.items() if key in old}
-  if _same_source(old, config.data):
-    new[SOURCE_KEY] = old[SOURCE_KEY]
-  absent = "(not recorded)"
-  changed = [f"{key} {json.dumps(old.get(key, absent))} -> {json.dumps(new.get(key, absent))}"
-             for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)]
-  if changed:
-    directory = paths.data_dir(workdir, split)
-    raise PrepareError(
-        f"{directory / records.MANIFEST} was prepared with other settings: {'; '.join(changed)}; "
-        f"use a fresh --workdir, or delete {directory.parent} to prepare again")
-
-
-def _same_source(old: dict, data: ml_collections.ConfigDict) -> bool:
-  """Whether the config names no download folder, or the one a split was prepared from (by real path,
-  so also as a manifest from before paths were resolved spelled it)."""
-  if SOURCE_KEY not in old or data.format == "demo":
-    return False
-  return not data.source_dir or pathlib.Path(old[SOURCE_KEY]).resolve() == source_path(data)
-
-
-def prepared(config: ml_collections.ConfigDict, workdir) -> bool:
+def is_complete(config: ml_collections.ConfigDict, workdir) -> bool:
   """Whether every split holds a manifest that verifies; a split prepared with other settings than the
   config's is refused (PrepareError, naming each key), as --mode=prepare refuses it."""
   done = True
-  for split in SPLITS:
+  for split in layout.SPLITS:
     try:
-      manifest = records.read_manifest(paths.data_dir(workdir, split))
+      manifest = records.read_manifest(layout.data_dir(workdir, split))
     except records.RecordError:
       done = False
       continue
-    check_settings(split, manifest, config, workdir)
+    splits.check_settings(split, manifest, config, workdir)
   return done
-
-
-def data_identity(workdir, split: str = "train") -> dict:
-  """What a model or set made from a prepared split was made from, as shaping keys (identity.py):
-  "<split>_split.<key>" for each setting its manifest records, and "<split>_split.digest", a sha256 of
-  its pair count, class pixel counts and scenes (the same data whatever its shard layout). A run
-  resumed, or a set reused, on data prepared again under other settings or from other files is refused."""
-  manifest = records.read_manifest(paths.data_dir(workdir, split))
-  content = {key: manifest.get(key) for key in ("num_examples", "class_pixels", "scenes")}
-  digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-  prefix = _prefix(split)
-  return {**{prefix + key: value for key, value in recorded_settings(manifest).items()}, prefix + "digest": digest}
-
-
-def made_from(shaping: dict, split: str = "train") -> dict:
-  """The data_identity keys of a recorded shaping: what that run or set was made from."""
-  return {key: value for key, value in shaping.items() if key.startswith(_prefix(split))}
-
-
-def _prefix(split: str) -> str:
-  return f"{split}_split."
 
 
 def check_not_empty(split: str, scenes: list[Scene], data: ml_collections.ConfigDict, stride: int) -> None:
@@ -162,7 +57,7 @@ def check_not_empty(split: str, scenes: list[Scene], data: ml_collections.Config
          for h, w in sizes.values()):
     return
   scene_id, (height, width) = max(sizes.items(), key=lambda item: (min(item[1]), item[1][0] * item[1][1]))
-  raise PrepareError(
+  raise splits.PrepareError(
       f"the {split} split would hold no patch: data.patch_size={data.patch_size} fits in none of its "
       f"{len(scenes)} scene(s) (the largest, {scene_id}, is {width}x{height} px); "
       f"set data.patch_size to at most {min(height, width)}")
@@ -172,48 +67,13 @@ def find_inventory(config: ml_collections.ConfigDict, workdir) -> tuple[Inventor
   """The scenes of config.data.format's download and its folder (the demo draws its scenes first)."""
   data = config.data
   if data.format == "demo":
-    source_dir = demo.write_source(config, paths.demo_source_dir(workdir))
+    source_dir = demo.write_source(config, layout.demo_source_dir(workdir))
     converter = "folder"
   else:
-    config_check.require_source(data)  # only now: every split already prepared needs no download
+    splits.require_source(data)  # only now: every split already prepared needs no download
     source_dir, converter = pathlib.Path(data.source_dir).expanduser(), data.format
   module = importlib.import_module(f"satsynth_jax.data.sources.{converter}")
   return module.find_scenes(source_dir, data), source_dir
-
-
-def _hold_out(scenes: list[Scene], role: str, fraction: float, seed: int) -> tuple[list[Scene], str]:
-  """Move a seeded `fraction` of the train scenes (whole scenes, at least one, never all) to `role`."""
-  train = sorted((s for s in scenes if s.split == "train"), key=lambda s: s.scene_id)
-  count = min(max(round(fraction * len(train)), 1), len(train) - 1) if fraction > 0 and len(train) >= 2 else 0
-  order = np.random.default_rng([seed, SPLITS.index(role)]).permutation(len(train))
-  chosen = {train[i].scene_id for i in order[:count]}
-  moved = [dataclasses.replace(s, split=role) if s.scene_id in chosen else s for s in scenes]
-  return moved, f"{role}: {count} of {len(train)} train scenes held out (data.{role}_fraction={fraction}, " \
-                f"data.split_seed={seed})"
-
-
-def assign_splits(scenes: list[Scene], data: ml_collections.ConfigDict) -> tuple[list[Scene], list[str]]:
-  """Give the download's scenes their roles; returns the scenes and a note per role not taken as found.
-
-  test (claims are made there, nothing is chosen there): the download's labelled test split;
-  else its val split (LoveDA, iSAID and OpenEarthMap withhold their test labels, so the
-  official val is the usual reporting split); else data.test_fraction of the train scenes.
-  val (settings are chosen there): the download's val split when it also had a test split;
-  else data.val_fraction of the remaining train scenes. Whole scenes, so no held-out patch
-  shares pixels or context with a train patch. The demo draws all three splits itself.
-  """
-  notes = []
-  found = {s.split for s in scenes}
-  if "test" not in found and "val" in found:
-    scenes = [dataclasses.replace(s, split="test") if s.split == "val" else s for s in scenes]
-    notes.append("test: the download's val split (its test labels are not public); nothing is chosen on it")
-  elif "test" not in found:
-    scenes, note = _hold_out(scenes, "test", data.test_fraction, data.split_seed)
-    notes.append(note)
-  if "val" not in {s.split for s in scenes}:
-    scenes, note = _hold_out(scenes, "val", data.val_fraction, data.split_seed)
-    notes.append(note)
-  return scenes, notes
 
 
 def _pairs(scenes: list[Scene], data: ml_collections.ConfigDict, stride: int, split: str):
@@ -261,7 +121,7 @@ def write_split(directory: pathlib.Path, scenes: list[Scene], data: ml_collectio
   except records.RecordError as e:
     if "no examples to write" not in str(e):
       raise
-    raise PrepareError(f"{split} split: no patches to write{hint}; nothing was saved") from e
+    raise splits.PrepareError(f"{split} split: no patches to write{hint}; nothing was saved") from e
 
 
 def _write(directory, scenes, data, stride, split, source_dir, missing, split_notes, settings) -> dict:
@@ -316,15 +176,15 @@ def write_previews(directory: pathlib.Path, workdir, data: ml_collections.Config
   chart = viz.bar_chart(
       shares, data.class_names, f"{data.format} {split}: class share of labelled pixels{excluded}", log=True,
       colors=data.palette, value_label="fraction of labelled pixels", value_format=format_percent)
-  return [viz.save_png(grid, paths.report_path(workdir, f"prepare_{split}.png")),
-          viz.save_png(chart, paths.report_path(workdir, f"class_frequency_{split}.png"))]
+  return [viz.save_png(grid, layout.report_path(workdir, f"prepare_{split}.png")),
+          viz.save_png(chart, layout.report_path(workdir, f"class_frequency_{split}.png"))]
 
 
 def summary(manifests: dict[str, dict | None], written: set[str], data: ml_collections.ConfigDict) -> str:
   """The lines prepare prints: per split scenes, patches, shards, class shares; then the notes."""
   lines = [f"prepare: {data.format} (K={data.num_classes}, {data.patch_size} px patches)"]
   notes: list[str] = []
-  for split in SPLITS:
+  for split in layout.SPLITS:
     manifest = manifests.get(split)
     if manifest is None:
       lines.append(f"  {split}: not written (no scenes)")
@@ -346,42 +206,38 @@ def summary(manifests: dict[str, dict | None], written: set[str], data: ml_colle
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, dict | None]:
   """Prepare both splits (skipping finished ones); returns each split's manifest (None if empty)."""
   data = config.data
-  if data.ignore_index != records.ignore_value(data.num_classes):
-    raise scene_io.SourceError(
-        f"config.data.ignore_index={data.ignore_index}: records store no-data as "
-        f"{records.ignore_value(data.num_classes)} for {data.num_classes} classes; set it to that")
-  directories = {split: paths.data_dir(workdir, split) for split in SPLITS}
-  done = {s for s in SPLITS if (directories[s] / records.MANIFEST).is_file()}
-  for split in [s for s in SPLITS if s in done]:
-    check_settings(split, records.read_manifest(directories[split]), config, workdir)
+  directories = {split: layout.data_dir(workdir, split) for split in layout.SPLITS}
+  done = {s for s in layout.SPLITS if (directories[s] / records.MANIFEST).is_file()}
+  for split in [s for s in layout.SPLITS if s in done]:
+    splits.check_settings(split, records.read_manifest(directories[split]), config, workdir)
     logging.info("%s already holds a manifest: skipping the %s split", directories[split], split)
   written: set[str] = set()
-  if done != set(SPLITS):
+  if done != set(layout.SPLITS):
     inventory, source_dir = find_inventory(config, workdir)
     for note in inventory.missing:
       logging.warning("not in the download: %s", note)
-    scenes, split_notes = assign_splits(list(inventory.scenes), data)
+    scenes, split_notes = splits.assign_splits(list(inventory.scenes), data)
     for note in split_notes:
       logging.info("%s", note)
-    by_split = {s: [scene for scene in scenes if scene.split == s] for s in SPLITS}
+    by_split = {s: [scene for scene in scenes if scene.split == s] for s in layout.SPLITS}
     if not by_split["train"]:
       raise scene_io.SourceError(f"no train scenes found for data.format={data.format!r} under "
                                  f"{source_dir}; missing: {list(inventory.missing)}")
-    for split in SPLITS[1:]:
+    for split in layout.SPLITS[1:]:
       if not by_split[split]:
-        raise PrepareError(
+        raise splits.PrepareError(
             f"the {split} split would hold no scene: {len(by_split['train']) + len(by_split[split])} train scene(s) "
             f"leave none to hold out (data.{split}_fraction={data[split + '_fraction']}); a download needs at least "
             "3 scenes, or val/ and test/ folders of its own")
-    todo = [split for split in SPLITS if split not in done and by_split[split]]
+    todo = [split for split in layout.SPLITS if split not in done and by_split[split]]
     for split in todo:  # all checked before the first write
       check_not_empty(split, by_split[split], data, data.patch_stride or data.patch_size)
     for split in todo:
       write_split(directories[split], by_split[split], data, source_dir=source_dir, missing=inventory.missing,
-                  split_notes=split_notes, settings=split_settings(config))
+                  split_notes=split_notes, settings=splits.split_settings(config))
       written.add(split)
   manifests = {}
-  for split in SPLITS:
+  for split in layout.SPLITS:
     manifests[split] = records.read_manifest(directories[split]) if split in done | written else None
     if manifests[split] is not None:
       for path in write_previews(directories[split], workdir, data):

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 
 from absl import logging
 
-from satsynth_jax import atomic, workdir as layout
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import atomic, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
 
 
 class LockHeldError(SatSynthError, RuntimeError):

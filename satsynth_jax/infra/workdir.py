@@ -19,11 +19,12 @@ from __future__ import annotations
 import os
 import pathlib
 
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra.errors import SatSynthError
 
 # train: what G and the segmenters learn from; val: where settings are chosen (curves, levers);
 # test: scenes no setting is ever chosen on, where the experiment's claims are made.
 SPLITS = ("train", "val", "test")
+HELD_OUT = ("test", "val")  # the splits a segmenter run is scored on, the claim's first
 
 
 class WorkdirError(SatSynthError, ValueError):

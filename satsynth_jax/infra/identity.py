@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 
 import ml_collections
 
-from satsynth_jax import atomic
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import atomic
+from satsynth_jax.infra.errors import SatSynthError
 
 CONFIG_FILE = "config.json"
 

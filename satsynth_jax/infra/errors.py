@@ -7,3 +7,7 @@ its traceback.
 
 class SatSynthError(Exception):
   """An error whose message names the file, key or value to fix."""
+
+
+class ConfigError(SatSynthError, ValueError):
+  """A config value no job can run with; the message names the key, the value and what is allowed."""

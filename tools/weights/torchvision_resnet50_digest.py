@@ -1,6 +1,6 @@
 """Regenerate tests/test_resnet.py's TORCHVISION_DIGEST: torchvision's own forward pass as the reference.
 
-  python tools/torchvision_resnet50_digest.py   # needs torch and torchvision; prints the constant
+  python tools/weights/torchvision_resnet50_digest.py   # needs torch and torchvision; prints the constant
 
 Builds torchvision's bottleneck ResNet with one block per stage (the test's TINY, the
 ResNet-50 layout at test size), fills it with `reference_weights` under the names and
@@ -87,7 +87,7 @@ def main() -> None:
   import torchvision  # pylint: disable=import-outside-toplevel
 
   print(f"# Produced by torchvision {torchvision.__version__} (torch {torch.__version__}, CPU) "
-        "with tools/torchvision_resnet50_digest.py")
+        "with tools/weights/torchvision_resnet50_digest.py")
   print("TORCHVISION_DIGEST = {")
   for level, values in torchvision_digest().items():
     print(f"    {level!r}: ({', '.join(f'{v:.6g}' for v in values)}),")

@@ -13,7 +13,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from satsynth_jax import viz
+from satsynth_jax import resolved
+from satsynth_jax.infra import viz, workdir as layout
 
 PREVIEW_TILE = 128  # px per panel in the report; small patches are enlarged by an integer factor
 
@@ -23,6 +24,15 @@ def percent(value) -> str:
   if value is None or (isinstance(value, float) and math.isnan(value)):
     return "n/a"
   return f"{100 * value:.2f}"
+
+
+def json_safe(value):
+  """Undefined scores (NaN) -> None, JSON's null, also inside dicts: the JSON a job writes stays standard."""
+  if isinstance(value, dict):
+    return {key: json_safe(v) for key, v in value.items()}
+  if isinstance(value, float) and math.isnan(value):
+    return None
+  return value
 
 
 def _enlarge(picture: np.ndarray, factor: int) -> np.ndarray:
@@ -182,8 +192,8 @@ def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None
       "",
       f"Generator: {config.diffusion.train.num_steps} steps ({config.diffusion.prediction} prediction, "
       f"{d.label_encoding} labels); {config.sample.per_real} synthetic pair(s) per real pair "
-      f"({config.sample.sampler}{', through G_SR to ' + str(config.sr.image_size) + ' px' if config.sample.super_resolve else ''}); "
-      f"segmenter: {g.train.num_steps} steps at {g.image_size or d.image_size}px for every arm, synthetic pairs "
+      f"({config.sample.sampler}{', through G_SR to ' + str(resolved.synthetic_size(config)) + ' px' if config.sample.super_resolve else ''}); "
+      f"segmenter: {g.train.num_steps} steps at {resolved.segmenter_size(config)}px for every arm, synthetic pairs "
       f"{100 * d.synthetic_fraction:g}% of each batch, backbone "
       f"{'from ImageNet weights (' + g.pretrained_path + ')' if g.pretrained_path else 'trained from scratch'}. "
       "Scores in %: mean ± standard error over seeds (each seed its own initialisation, data order and "
@@ -193,7 +203,7 @@ def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None
   def split_rows(split):
     return lambda rows: [row["splits"][split]["scores"] for row in rows if row is not None and split in row.get("splits", {})]
 
-  for split in ("test", "val"):
+  for split in layout.HELD_OUT:
     scores_of = split_rows(split)
     baseline = next(iter(evals.values()), (0, []))[1]
     base = [s.get("miou") for s in scores_of(baseline)]

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Mutation testing of the modules whose bugs would silently corrupt results (mutmut 3, CPU).
 #
-#   tools/mutation.sh                  # every module below
-#   tools/mutation.sh labels curate    # a subset (keys: labels schedule sampling segmentation fid pipeline curate)
+#   tools/mutation/mutation.sh                    # every module below
+#   tools/mutation/mutation.sh labels curation    # a subset (keys: labels schedule sampling segmentation fid pipeline curation)
 #
 # Needs `pip install -e .[test,mutation]`. Configuration: the [mutmut] section of setup.cfg.
 # mutmut works in a copy (mutants/, git-ignored, rebuilt on every run); the source tree is not
 # touched. Prints killed / survived / timeout / no tests / score per module and the names of the
 # mutants not killed (`.venv/bin/mutmut show NAME` prints a mutant's diff). Reviewed equivalent
-# mutants: tools/mutation_equivalent.md.
+# mutants: tools/mutation/mutation_equivalent.md.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 MUTMUT=${MUTMUT:-.venv/bin/mutmut}
 PYTHON=${PYTHON:-.venv/bin/python}
 
-# Mutant-name globs per module. pipeline.py and curate.py: only the resize/augment/mix and the
-# filter/selection functions (the rest is I/O and orchestration). metrics/segmentation.py's
+# Mutant-name globs per module. pipeline.py: only the resize/augment/mix functions (the rest is I/O);
+# metrics/curation.py: the filter/selection functions, not the loops over scored batches. metrics/segmentation.py's
 # confusion_matrix carries @jax.jit, and mutmut leaves decorated functions alone.
 declare -A GLOBS=(
   [labels]="satsynth_jax.labels.*"
@@ -26,10 +26,10 @@ declare -A GLOBS=(
   [fid]="satsynth_jax.metrics.fid.*"
   [pipeline]="$(printf 'satsynth_jax.data.pipeline.%s*,' x__fit x__dihedral x__train_view x__eval_view x_mix \
                x__endless x__tag | sed 's/,$//')"
-  [curate]="$(printf 'satsynth_jax.curate.%s*,' x_pixel_losses x_class_ x_keep_mask x_label_fidelity \
-             x_resize_nearest x_filtered_mask x_pair_scores x_select | sed 's/,$//')"
+  [curation]="$(printf 'satsynth_jax.metrics.curation.%s*,' x_pixel_losses x_class_ x_keep_mask x_label_fidelity \
+               x_resize_nearest x_filtered_mask x_pair_scores x_select | sed 's/,$//')"
 )
-ORDER=(labels schedule sampling segmentation fid pipeline curate)
+ORDER=(labels schedule sampling segmentation fid pipeline curation)
 modules=("$@")
 [[ ${#modules[@]} -gt 0 ]] || modules=("${ORDER[@]}")
 
@@ -68,4 +68,4 @@ if [[ $rc -ne 0 ]]; then
   exit "$rc"
 fi
 grep -E 'mutations/second' mutants/mutation.log || true
-"$PYTHON" tools/mutation_report.py --survivors "${specs[@]}"
+"$PYTHON" tools/mutation/mutation_report.py --survivors "${specs[@]}"

@@ -1,7 +1,7 @@
 """`--mode=evaluate_samples`: sample quality as the paper scores it, plus label fidelity.
 
 The metric encoder is the paper's ResNet-50 U-Net segmenter (models/unet_seg.py) trained on
-the real train split only (`--mode=train_metric_encoder`, train/metric_encoder.py), in its
+the real train split only (`--mode=train_metric_encoder`, jobs/train_metric_encoder.py), in its
 own run `checkpoints/metric_encoder/`. Its features replace Inception (metrics/fid.py):
 
   FID, sFID  synthetic images against the real *train* split, the distribution the generator
@@ -17,9 +17,9 @@ own run `checkpoints/metric_encoder/`. Its features replace Inception (metrics/f
   presence accuracy (conditioned sets)  of the pairs asked for class c (the set's saved
              requests, presence.py), the fraction whose decoded mask holds c.
 
-Every image is viewed as the segmenter sees it: `data.image_size`, through the eval pipeline
-(resized or centre-cropped as `data.resize` says), so 256 px super-resolved samples are
-scored at the same size as the real patches.
+Every image is viewed as the segmenter sees it: at its input size (resolved.segmenter_size), through
+the eval pipeline (resized or centre-cropped as `data.resize` says), so 256 px super-resolved
+samples are scored at the same size as the real patches.
 
 Scores depend on the encoder's weights, so every JSON names them,
 "metric_encoder@<step>:<sha256 of the weights>": compare numbers only when that id matches.
@@ -28,9 +28,7 @@ Scores depend on the encoder's weights, so every JSON names them,
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import math
 import pathlib
 import re
 from typing import Callable
@@ -38,15 +36,12 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import numpy as np
-from flax import traverse_util
 
-from satsynth_jax import (atomic, checkpoint, evaluate, labels, parallel, presence, report, resolved,
-                          segmenter, viz, workdir as layout)
+from satsynth_jax import labels, presence, resolved, segmenter
 from satsynth_jax.data import pipeline, records
-from satsynth_jax.errors import SatSynthError
-from satsynth_jax.metrics import fid
-from satsynth_jax.metrics import segmentation as seg_metrics
-from satsynth_jax.metrics import synthetic as synthetic_metrics
+from satsynth_jax.infra import atomic, checkpoint, parallel, report, viz, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
+from satsynth_jax.metrics import fid, segmentation as seg_metrics, synthetic as synthetic_metrics
 
 IS_SPLITS = 10  # the usual protocol (10 parts of 5000 images)...
 IS_MIN_SPLIT_SIZE = 100  # ...but fewer parts for small sets: each part's marginal p(y) needs images
@@ -56,16 +51,6 @@ Extractor = Callable[[dict, jax.Array], dict[str, jax.Array]]
 
 class TooFewImagesError(SatSynthError, ValueError):
   """A record folder holds fewer than the 2 images a covariance needs; the message names it."""
-
-
-def weights_id(variables, step: int) -> str:
-  """"metric_encoder@<step>:<first 12 hex digits of sha256 over every weight's path and bytes>"."""
-  digest = hashlib.sha256()
-  for path, value in sorted(traverse_util.flatten_dict(parallel.to_host(variables), sep="/").items()):
-    value = np.ascontiguousarray(value)
-    digest.update(f"{path}:{value.dtype}:{value.shape}".encode())
-    digest.update(value.tobytes())
-  return f"{segmenter.METRIC_ENCODER}@{step}:{digest.hexdigest()[:12]}"
 
 
 def make_extractor(model: nn.Module, mesh) -> Extractor:
@@ -116,11 +101,6 @@ def _scorable_manifest(record_dir: str) -> dict:
   return manifest
 
 
-def _without_nan(scores: dict[str, float]) -> dict[str, float | None]:
-  """Undefined scores (a class absent from masks and predictions) -> None, i.e. JSON null."""
-  return {key: None if math.isnan(value) else value for key, value in scores.items()}
-
-
 def label_statistics(config, train_manifest: dict, synthetic_dir) -> dict:
   """class_frequency (real train vs set), class_tv (None for a set without labels, e.g. the image-only
   baseline's) and, for a set drawn from presence requests, presence_accuracy."""
@@ -139,7 +119,7 @@ def label_statistics(config, train_manifest: dict, synthetic_dir) -> dict:
     finally:
       source.close()
     accuracy = synthetic_metrics.presence_accuracy(requested[:len(produced)], produced)
-    out["presence_accuracy"] = {name: None if math.isnan(v) else float(v) for name, v in zip(names, accuracy)}
+    out["presence_accuracy"] = report.json_safe({name: float(v) for name, v in zip(names, accuracy)})
   return out
 
 
@@ -161,16 +141,16 @@ def label_chart(config, statistics: dict, title: str):
   return viz.stack([chart, bars])
 
 
-def is_scored(workdir, synthetic_dir, name: str) -> bool:
+def is_complete(workdir, synthetic_dir, name: str) -> bool:
   """A sample-quality JSON exists for the finished set `synthetic_dir`, under the current metric encoder."""
   path = layout.metrics_path(workdir, output_name(name))
   if not path.exists():
     return False
   with open(path, encoding="utf-8") as f:
     scores = json.load(f)
-  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, segmenter.METRIC_ENCODER))
+  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, resolved.METRIC_ENCODER))
   return (scores["num_synthetic"] == records.read_manifest(synthetic_dir)["num_examples"]
-          and scores["metric_encoder"].startswith(f"{segmenter.METRIC_ENCODER}@{encoder_step}:")
+          and scores["metric_encoder"].startswith(f"{resolved.METRIC_ENCODER}@{encoder_step}:")
           and "class_tv" in scores)
 
 
@@ -194,15 +174,15 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
   # The manifest counts each class's pixels: none means masks without labels (all no-data).
   has_labels = any(_scorable_manifest(synthetic_dir)["class_pixels"])
   mesh = parallel.make_mesh()
-  model, variables, step = segmenter.restore(config, workdir, segmenter.Run.metric_encoder(config), mesh)
-  encoder = weights_id(variables, step)
+  model, variables, step = segmenter.restore(config, workdir, resolved.SegmenterRun.metric_encoder(config), mesh)
+  encoder = checkpoint.weights_id(resolved.METRIC_ENCODER, variables, step)
   extract = make_extractor(model, mesh)
 
   real, synthetic = (accumulate_features(config, extract, variables, record_dir, mesh)
                      for record_dir in (train_dir, synthetic_dir))
   fidelity, result = None, None
   if has_labels:
-    result = evaluate.evaluate_split(config, model, variables, synthetic_dir, mesh)
+    result = segmenter.evaluate_split(config, model, variables, synthetic_dir, mesh)
     fidelity = seg_metrics.segmentation_scores(result.confusion, d.class_names)
   summary = {
       **label_statistics(config, records.read_manifest(train_dir), synthetic_dir),
@@ -213,7 +193,7 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
       "real_is": inception_score(real),  # IS of the real images: its scale for this encoder and dataset
   }
   if fidelity is not None:
-    summary["label_fidelity"] = _without_nan(fidelity)
+    summary["label_fidelity"] = report.json_safe(fidelity)
     summary["label_fidelity_miou"] = summary["label_fidelity"]["miou"]
   if jax.process_index() == 0:
     atomic.write_bytes(layout.metrics_path(workdir, stem),

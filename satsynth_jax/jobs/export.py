@@ -30,9 +30,10 @@ import threading
 from absl import logging
 from tqdm import tqdm
 
-from satsynth_jax import atomic, resolved, viz, workdir as layout
+from satsynth_jax import resolved
 from satsynth_jax.data import records, tfrecord
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import atomic, viz, workdir as layout
+from satsynth_jax.infra.errors import SatSynthError
 
 FORMAT = "satsynth_jax.export/v1"
 CLASSES = "classes.json"

@@ -1,6 +1,6 @@
 """Convert a torchvision ResNet-50 state dict (.pth) into the .safetensors `resnet.load_pretrained` reads.
 
-  python tools/convert_torchvision_resnet50.py --input resnet50.pth --output resnet50.safetensors
+  python tools/weights/convert_torchvision_resnet50.py --input resnet50.pth --output resnet50.safetensors
 
 For a `.pth` of your own (a fine-tuned or self-supervised torchvision ResNet-50); for
 torchvision's ImageNet weights, timm's `resnet50.tv_in1k` (V1) or `resnet50.tv2_in1k` (V2)

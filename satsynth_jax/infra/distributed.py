@@ -24,7 +24,7 @@ from collections.abc import Mapping
 import jax
 from absl import logging
 
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra.errors import SatSynthError
 
 MODES = ("auto", "on", "off")
 ENV_COORDINATOR = "SATSYNTH_COORDINATOR"

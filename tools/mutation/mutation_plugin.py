@@ -1,4 +1,4 @@
-"""pytest plugin for mutation runs (tools/mutation.sh loads it with `-p tools.mutation_plugin`).
+"""pytest plugin for mutation runs (tools/mutation/mutation.sh loads it with `-p tools.mutation.mutation_plugin`).
 
 mutmut 3 swaps in a mutant through a trampoline that reads MUTANT_UNDER_TEST when the function
 is *called*; under jax.jit that happens once, while tracing. Hence:

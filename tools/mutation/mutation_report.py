@@ -1,4 +1,4 @@
-"""Per-module table of a mutmut run (tools/mutation.sh): killed / survived / timeout / no tests / score.
+"""Per-module table of a mutmut run (tools/mutation/mutation.sh): killed / survived / timeout / no tests / score.
 
 Reads mutants/<file>.meta as mutmut 3 writes them and counts only the mutants matching the
 run's globs (argv), so out-of-scope functions of a mutated file do not dilute the score.

@@ -20,8 +20,8 @@ import socket
 import struct
 import time
 
-from satsynth_jax import atomic
 from satsynth_jax.data import tfrecord
+from satsynth_jax.infra import atomic
 
 
 def _varint(n: int) -> bytes:

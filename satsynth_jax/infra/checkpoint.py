@@ -38,8 +38,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from satsynth_jax import parallel
-from satsynth_jax.errors import SatSynthError
+from satsynth_jax.infra import parallel
+from satsynth_jax.infra.errors import SatSynthError
 
 DIGEST_KEY = "sha256"  # meta[DIGEST_KEY] = {"state": hex, "inference": hex}
 _settings = {"allow_fallback": False}
@@ -134,6 +134,12 @@ def digest(tree) -> tuple[str, list[str]]:
     if jax.dtypes.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
       nonfinite.append(name)
   return h.hexdigest(), nonfinite
+
+
+def weights_id(name: str, variables, step: int) -> str:
+  """"<name>@<step>:<first 12 hex digits of digest(variables)>": which weights made a score (the metric
+  encoder's, curation's scorer's), the same digest the checkpoint records for its inference item."""
+  return f"{name}@{step}:{digest(variables)[0][:12]}"
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_iter=None, meta: dict | None = None) -> None:

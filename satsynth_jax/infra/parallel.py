@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from satsynth_jax.config_check import ConfigError
+from satsynth_jax.infra.errors import ConfigError
 
 DATA_AXIS = "data"
 

@@ -1,16 +1,18 @@
-"""`--mode=experiment`: the paper's experiment as one resumable command.
+"""`--mode=experiment`: the paper's experiment as one resumable command; it only orders the jobs.
 
-prepare -> train_diffusion -> [train_sr, with sample.super_resolve] -> sample ->
-train_metric_encoder -> evaluate_samples (FID, sFID, IS, label fidelity) -> [image-only
-baseline: train, sample, evaluate_samples, when experiment.image_only_baseline] -> for each arm
-(D: R=0; D u D': R=sample.per_real) and each of experiment.seeds seeds: train_segmentation,
-evaluate -> report/summary.md.
+prepare -> train_diffusion -> [train_sr, with sample.super_resolve] -> train_metric_encoder ->
+sample + evaluate_samples (FID, sFID, IS, label fidelity) of each set the arms need -> [image-only
+baseline: train, sample, evaluate_samples, when experiment.image_only_baseline] -> D's runs
+(R=0) -> curate (+ evaluate_samples) -> the other arms' runs; each run of each of experiment.seeds
+seeds: train_segmentation, evaluate -> report/summary.md. Which sets and runs the arms use is
+resolved.py's (experiment_set, SegmenterRun).
 
-Each stage knows when its outputs are complete *and were made with this config's settings*
-(identity.py): re-running after an interruption skips finished stages, unfinished ones
-resume from their own checkpoints, and a stage whose output was made under other settings
-stops the experiment with one line rather than being skipped. Ablations (x0, one-hot,
-image-only) get their own run names, so they run beside the baseline in one workdir.
+Each stage asks its job whether its output is complete *and was made with this config's
+settings* (the job's `is_complete`, infra/identity.py): re-running after an interruption skips
+finished stages, unfinished ones resume from their own checkpoints, and a stage whose output was
+made under other settings stops the experiment with one line rather than being skipped.
+Ablations (x0, one-hot, image-only) get their own run names, so they run beside the baseline in
+one workdir.
 """
 
 from __future__ import annotations
@@ -26,16 +28,17 @@ from typing import Callable
 
 import jax
 
-from satsynth_jax import (atomic, checkpoint, curate, evaluate, generator, identity, parallel, report, resolved,
-                          sample, sample_quality, segmenter, viz, workdir as layout)
-from satsynth_jax.data import prepare, records
-from satsynth_jax.train import diffusion, metric_encoder, segmentation, super_resolution
+from satsynth_jax import resolved
+from satsynth_jax.data import records
+from satsynth_jax.infra import atomic, parallel, report, viz, workdir as layout
+from satsynth_jax.jobs import (curate, evaluate, prepare, sample, sample_quality, train_diffusion, train_metric_encoder,
+                               train_segmentation, train_sr)
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
   name: str
-  done: Callable[[], bool]
+  done: Callable[[], bool]  # the job's own answer: is its output complete for these settings?
   run: Callable[[], object]
 
 
@@ -44,25 +47,8 @@ class Arm:
   """One column group of the comparison: a training set (D, or D u a synthetic set) over the experiment's seeds."""
   label: str
   synthetic_ratio: int
-  runs: tuple[segmenter.Run, ...]
+  runs: tuple[resolved.SegmenterRun, ...]
   synthetic_dir: str | None
-
-
-def ratios(config) -> tuple[int, ...]:
-  """The R of each raw D u D' arm: experiment.ratios, or just sample.per_real."""
-  return tuple(config.experiment.ratios) or (config.sample.per_real,)
-
-
-def set_config(config, *, conditioned: bool):
-  """The config that samples (and curates) one of the experiment's sets from its one G: the unconditional
-  set (sample.presence none: the paper's D') or the conditioned one (experiment.presence's plan). Each is a
-  pool (curation.enabled) exactly when one of experiment.arms curates it."""
-  out = config.copy_and_resolve_references()
-  kinds = config.experiment.arms
-  with out.unlocked():
-    out.sample.presence = config.experiment.presence if conditioned else "none"
-    out.curation.enabled = ("conditioned_curated" if conditioned else "curated") in kinds
-  return out
 
 
 def arms(config, workdir) -> list[Arm]:
@@ -72,46 +58,27 @@ def arms(config, workdir) -> list[Arm]:
   seeds = [config.seed + i for i in range(config.experiment.seeds)]
 
   def arm(label, ratio, name=None, directory=None):
-    return Arm(label, ratio, tuple(segmenter.Run.arm(config, ratio, seed, name) for seed in seeds),
+    return Arm(label, ratio, tuple(resolved.SegmenterRun.arm(config, ratio, seed, name) for seed in seeds),
                directory and os.fspath(directory))
 
   out = [arm("D", 0)]
   r = config.sample.per_real
   for kind in config.experiment.arms:
-    sampled = set_config(config, conditioned=kind.startswith("conditioned"))
+    sampled = resolved.experiment_set(config, conditioned=kind.startswith("conditioned"))
     name, directory = resolved.synthetic_set(sampled), resolved.synthetic_dir(sampled, workdir)
     label = "D u D'" + ("_conditioned" if kind.startswith("conditioned") else "")
     if kind.endswith("curated"):
       out.append(arm(f"{label}_curated", r, resolved.curated_set(sampled), resolved.curated_dir(sampled, workdir)))
     elif kind == "raw":
-      out += [arm(label, ratio, name, directory) for ratio in ratios(config)]
+      out += [arm(label, ratio, name, directory) for ratio in resolved.arm_ratios(config)]
     else:
       out.append(arm(label, r, name, directory))
   return out
 
 
-REMEDY = "use another --workdir, or delete that folder to redo the stage with this config"
-
-
-def _trained(workdir, run: str, num_steps: int, shaping: Callable[[], dict]) -> bool:
-  """The run reached num_steps under this config's shaping settings (a mismatch is refused)."""
-  directory = layout.checkpoint_dir(workdir, run)
-  step = checkpoint.latest_step(directory)
-  if step is None:
-    return False
-  recorded = identity.read_existing(directory, f"checkpoints of run {run!r}")
-  identity.compare(directory, recorded["shaping"], shaping(), f"run {run!r}", REMEDY)
-  return step >= num_steps
-
-
-def _set_identity(directory) -> dict | None:
-  recorded = identity.read(directory)
-  return recorded["shaping"] if recorded else None
-
-
-def _evaluated(workdir, run: segmenter.Run) -> bool:
-  """An eval JSON scores the run's latest checkpoint on every held-out split, under its recorded settings."""
-  return evaluate.is_current(workdir, run, checkpoint.latest_step(layout.checkpoint_dir(workdir, run.name)))
+def _stage(name: str, done: Callable[..., bool], run: Callable, *args) -> Stage:
+  """A stage whose done-check and job take the same arguments."""
+  return Stage(name, functools.partial(done, *args), functools.partial(run, *args))
 
 
 def _prepare_once(config, workdir) -> None:
@@ -124,56 +91,49 @@ def _prepare_once(config, workdir) -> None:
 def _train_stages(config, workdir, label: str = "") -> list[Stage]:
   """Train G (and G_SR for the cascade)."""
   suffix = f" {label}" if label else ""
-  out = [Stage(f"train_diffusion{suffix}",
-               functools.partial(_trained, workdir, resolved.g_run(config), config.diffusion.train.num_steps,
-                                 functools.partial(generator.g_shaping, config, workdir)),
-               functools.partial(diffusion.run, config, workdir))]
+  out = [_stage(f"train_diffusion{suffix}", train_diffusion.is_complete, train_diffusion.run, config, workdir)]
   if config.sample.super_resolve:
-    out.append(Stage(f"train_sr{suffix}",
-                     functools.partial(_trained, workdir, resolved.sr_run(config), config.sr.train.num_steps,
-                                       functools.partial(generator.sr_shaping, config, workdir)),
-                     functools.partial(super_resolution.run, config, workdir)))
+    out.append(_stage(f"train_sr{suffix}", train_sr.is_complete, train_sr.run, config, workdir))
   return out
 
 
+def _score_stage(config, workdir, name: str, directory, label: str) -> Stage:
+  """evaluate_samples of the set `name` in `directory`."""
+  return Stage(f"evaluate_samples {label}", functools.partial(sample_quality.is_complete, workdir, directory, name),
+               functools.partial(sample_quality.run_for, config, workdir, directory, name))
+
+
 def _set_stages(config, workdir, label: str) -> list[Stage]:
-  """Sample the set of `config` (a set_config) and score it."""
-  directory, name = resolved.synthetic_dir(config, workdir), resolved.synthetic_set(config)
-  return [Stage(f"sample {label}", functools.partial(sample.is_complete, config, workdir),
-                functools.partial(sample.run, config, workdir)),
-          Stage(f"evaluate_samples {label}", functools.partial(sample_quality.is_scored, workdir, directory, name),
-                functools.partial(sample_quality.run_for, config, workdir, directory, name))]
+  """Sample the set of `config` (a resolved.experiment_set) and score it."""
+  return [_stage(f"sample {label}", sample.is_complete, sample.run, config, workdir),
+          _score_stage(config, workdir, resolved.synthetic_set(config), resolved.synthetic_dir(config, workdir),
+                       label)]
 
 
 def _curate_stages(config, workdir, label: str) -> list[Stage]:
-  pool, curated, name = (resolved.synthetic_dir(config, workdir), resolved.curated_dir(config, workdir),
-                         resolved.curated_set(config))
-  return [Stage(f"curate {label}", functools.partial(curate.is_curated, config, workdir, pool, curated),
-                functools.partial(curate.run, config, workdir)),
-          Stage(f"evaluate_samples {label}_curated", functools.partial(sample_quality.is_scored, workdir, curated, name),
-                functools.partial(sample_quality.run_for, config, workdir, curated, name))]
+  """Curate the pool of `config` (a resolved.experiment_set) and score the curated set."""
+  return [_stage(f"curate {label}", curate.is_complete, curate.run, config, workdir),
+          _score_stage(config, workdir, resolved.curated_set(config), resolved.curated_dir(config, workdir),
+                       f"{label}_curated")]
 
 
 def stages(config, workdir) -> list[Stage]:
   """The chain in order: prepare, G, the metric encoder, each set the arms need, D's runs (which also
   score curation's pools), the curated sets, then the other arms' runs."""
-  encoder = segmenter.Run.metric_encoder(config)
   kinds = config.experiment.arms
-  out = [Stage("prepare", functools.partial(prepare.prepared, config, workdir),
+  out = [Stage("prepare", functools.partial(prepare.is_complete, config, workdir),
                functools.partial(_prepare_once, config, workdir))]
   out += _train_stages(config, workdir)
-  out.append(Stage("train_metric_encoder",
-                   functools.partial(_trained, workdir, encoder.name, config.segmentation.train.num_steps,
-                                     functools.partial(segmenter.shaping, config, encoder, None, workdir)),
-                   functools.partial(metric_encoder.run, config, workdir)))
-  unconditional = set_config(config, conditioned=False)
-  conditioned = set_config(config, conditioned=True)
+  out.append(_stage("train_metric_encoder", train_metric_encoder.is_complete, train_metric_encoder.run, config,
+                    workdir))
+  unconditional = resolved.experiment_set(config, conditioned=False)
+  conditioned = resolved.experiment_set(config, conditioned=True)
   if {"raw", "curated"} & set(kinds):
     out += _set_stages(unconditional, workdir, "D'")
   if {"conditioned", "conditioned_curated"} & set(kinds):
     out += _set_stages(conditioned, workdir, "D'_conditioned")
   if config.experiment.image_only_baseline:
-    image_only = set_config(config, conditioned=False)
+    image_only = resolved.experiment_set(config, conditioned=False)
     with image_only.unlocked():
       image_only.diffusion.joint_labels = False
     out += _train_stages(image_only, workdir, "image_only") + _set_stages(image_only, workdir, "image_only")
@@ -192,14 +152,9 @@ def _arm_stages(config, workdir, arm: Arm) -> list[Stage]:
   """Train and evaluate each seed's run of one arm."""
   out = []
   for run in arm.runs:
-    def run_shaping(run=run):
-      return segmenter.shaping(config, run, arm.synthetic_dir and _set_identity(arm.synthetic_dir), workdir)
-
-    out.append(Stage(f"train_segmentation {run.name}",
-                     functools.partial(_trained, workdir, run.name, config.segmentation.train.num_steps,
-                                       run_shaping),
-                     functools.partial(segmentation.train_run, config, workdir, run, arm.synthetic_dir)))
-    out.append(Stage(f"evaluate {run.name}", functools.partial(_evaluated, workdir, run),
+    out.append(_stage(f"train_segmentation {run.name}", train_segmentation.is_complete, train_segmentation.train_run,
+                      config, workdir, run, arm.synthetic_dir))
+    out.append(Stage(f"evaluate {run.name}", functools.partial(evaluate.is_complete, workdir, run),
                      functools.partial(evaluate.evaluate_run, config, workdir, run)))
   return out
 
@@ -239,7 +194,7 @@ def summary(config, workdir) -> str:
   for path in sorted(layout.metrics_dir(workdir).glob(f"{sample_quality.output_name('')}_*.json")):
     quality[f"`{path.stem.removeprefix(sample_quality.output_name('') + '_')}`"] = _read_json(path)
   times = _read_json(layout.metrics_path(workdir, STAGE_TIMES)) or {}
-  splits = {split: records.read_manifest(layout.data_dir(workdir, split)) for split in evaluate.SPLITS}
+  splits = {split: records.read_manifest(layout.data_dir(workdir, split)) for split in layout.HELD_OUT}
   return report.summary_markdown(config, evals, quality, times, others, splits, convergence(config, workdir))
 
 
@@ -284,7 +239,7 @@ def _write_curves(config, workdir) -> None:
                                 "val mIoU while training (mean over seeds)", x_label="step", y_label="val mIoU %"),
                  layout.report_path(workdir, "val_curves.png"))
   runs = {"generator": [resolved.g_run(config)] + ([resolved.sr_run(config)] if config.sample.super_resolve else []),
-          "segmenters": [run.name for arm in arms(config, workdir) for run in arm.runs] + [segmenter.METRIC_ENCODER]}
+          "segmenters": [run.name for arm in arms(config, workdir) for run in arm.runs] + [resolved.METRIC_ENCODER]}
   for kind, names in runs.items():
     logs = {name: report.read_jsonl(layout.metrics_path(workdir, name, ".jsonl")) for name in names}
     if any(logs.values()):

@@ -141,7 +141,7 @@ def test_losses_equal_a_single_process_run_on_the_same_global_batches(two_proces
 
 
 def test_final_params_equal_a_single_process_run(two_processes, one_process):
-  (_, multi, _), single = two_processes, one_process
+  (config, multi, _), single = two_processes, one_process
   two, one = _final_state(config, multi), _final_state(config, single)
   mp_launch.assert_states_match(two, one, ("params", "ema_params", "opt_state"))
 

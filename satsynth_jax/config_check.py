@@ -157,6 +157,7 @@ def validate(config, mode: str | None = None) -> None:
   _require(isinstance(f.joint_labels, bool), "diffusion.joint_labels", f.joint_labels, "must be True or False")
   _require(isinstance(f.self_condition, bool), "diffusion.self_condition", f.self_condition, "must be True or False")
   _one_of("diffusion.loss_weighting", f.loss_weighting, schedule.LOSS_WEIGHTINGS)
+  _in_range("diffusion.class_weight_power", f.class_weight_power, 0.0, 2.0, integer=False)
   _in_range("diffusion.min_snr_gamma", f.min_snr_gamma, integer=False)
   _require(f.min_snr_gamma > 0, "diffusion.min_snr_gamma", f.min_snr_gamma, "must be > 0")
   _one_of("diffusion.condition", f.condition, guidance.CONDITIONS)
@@ -221,23 +222,22 @@ def validate(config, mode: str | None = None) -> None:
            and all(kind in resolved.ARM_KINDS for kind in e.arms), "experiment.arms", e.arms,
            f"must be distinct arms from {resolved.ARM_KINDS} (D, real only, always runs)")
   _one_of("experiment.presence", e.presence, presence.PLANS[1:])
-  conditioned_arms = [kind for kind in e.arms if kind.startswith("conditioned")]
-  _require(not conditioned_arms or f.condition == "presence", "experiment.arms", e.arms,
-           f"{conditioned_arms} need a class-presence conditioned G: set diffusion.condition=presence")
-  one_folder = mode == "experiment" and bool(d.synthetic_dir)  # every set the experiment samples goes there
-  _require(not one_folder or not conditioned_arms or len(conditioned_arms) == len(e.arms),
-           "data.synthetic_dir", d.synthetic_dir,
-           f"names one folder, but experiment.arms={tuple(e.arms)} samples an unconditional and a conditioned set; "
-           "leave it unset (the sets go under the workdir) or keep arms of one kind")
-  _require(not one_folder or not e.image_only_baseline, "data.synthetic_dir", d.synthetic_dir,
-           "names one folder, but experiment.image_only_baseline=True samples a second set (the image-only G's); "
-           "leave it unset (the sets go under the workdir)")
-  _require(config.curation.enabled or not any(kind.endswith("curated") for kind in e.arms), "curation.enabled",
-           config.curation.enabled, f"is False but experiment.arms={tuple(e.arms)} curates: drop the curated arms")
   _require(isinstance(e.ratios, (tuple, list)) and all(_int(r) and 1 <= r <= s.per_real for r in e.ratios)
            and len(set(e.ratios)) == len(e.ratios), "experiment.ratios", e.ratios,
            f"must be distinct ints in [1, sample.per_real={s.per_real}] (the set's first R x |D| pairs)")
-  if mode == "experiment":
+  if mode == "experiment":  # what the arms need binds only the job that runs them
+    conditioned_arms = [kind for kind in e.arms if kind.startswith("conditioned")]
+    _require(not conditioned_arms or f.condition == "presence", "experiment.arms", e.arms,
+             f"{conditioned_arms} need a class-presence conditioned G: set diffusion.condition=presence")
+    _require(not d.synthetic_dir or not conditioned_arms or len(conditioned_arms) == len(e.arms),
+             "data.synthetic_dir", d.synthetic_dir,
+             f"names one folder, but experiment.arms={tuple(e.arms)} samples an unconditional and a conditioned set; "
+             "leave it unset (the sets go under the workdir) or keep arms of one kind")
+    _require(not d.synthetic_dir or not e.image_only_baseline, "data.synthetic_dir", d.synthetic_dir,
+             "names one folder, but experiment.image_only_baseline=True samples a second set (the image-only G's); "
+             "leave it unset (the sets go under the workdir)")
+    _require(config.curation.enabled or not any(kind.endswith("curated") for kind in e.arms), "curation.enabled",
+             config.curation.enabled, f"is False but experiment.arms={tuple(e.arms)} curates: drop the curated arms")
     _require(s.per_real >= 1, "sample.per_real", s.per_real, "the experiment compares D with D u D', so R >= 1")
     synthetic_size = resolved.synthetic_size(config)
     _require(resolved.segmenter_size(config) == synthetic_size or g.resize_synthetic, "segmentation.image_size",

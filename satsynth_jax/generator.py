@@ -41,9 +41,10 @@ G_SHAPING = ("seed", "dtype", "data.augment", "data.resize", "data.num_classes",
              "data.label_encoding", "data.no_data_code",
              "data.ignore_fill_class", "data.image_size", "diffusion.timesteps", "diffusion.beta_start",
              "diffusion.beta_end", "diffusion.prediction", "diffusion.joint_labels", "diffusion.self_condition",
-             "diffusion.loss_weighting", "diffusion.min_snr_gamma", "diffusion.condition",
-             "diffusion.condition_dropout", "diffusion.model")
-SR_SHAPING = G_SHAPING + ("sr.image_size", "sr.model")
+             "diffusion.loss_weighting", "diffusion.min_snr_gamma", "diffusion.class_weight_power",
+             "diffusion.condition", "diffusion.condition_dropout", "diffusion.model")
+# G_SR's loss weighs every pixel alike (class weights shape G's loss only).
+SR_SHAPING = tuple(key for key in G_SHAPING if key != "diffusion.class_weight_power") + ("sr.image_size", "sr.model")
 # Training settings that do not change what a run learns, or that a resumed run may extend.
 UNSHAPING_TRAIN_KEYS = ("num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every",
                         "num_grid_samples", "grid_sampler_steps")

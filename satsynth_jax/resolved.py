@@ -73,6 +73,12 @@ def presence_plan_name(config) -> str:
   return name + (f"_w{s.guidance:g}" if s.guidance else "")
 
 
+def guidance(config) -> float:
+  """The guidance scale sampling uses: sample.guidance for a conditional plan, 0 for an unconditional one
+  (its condition is the null one, where guidance changes nothing but doubles the cost)."""
+  return config.sample.guidance if presence_plan_name(config) else 0.0
+
+
 def synthetic_set(config) -> str:
   """The name of the set `--mode=sample` writes: data.synthetic_dir's folder name when that is set, else
   G's run, its presence plan, and "_cascade" when G_SR upsamples it. Segmenter runs and score files

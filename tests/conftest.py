@@ -79,15 +79,31 @@ def shared_data() -> pathlib.Path:
   return SHARED_DATA
 
 
-def load_config(name: str, **overrides):
-  """configs/<name>.py with dotted overrides, e.g. load_config("demo", **{"data.patch_size": 32})."""
+# The paper's method at the `cpu` preset's budgets: an unconditional G with an unweighted loss and the
+# raw and curated arms. Most tests exercise the pipeline's mechanics and were written for it (set and
+# run names, stage lists), and its tiny G compiles and samples faster; load_config and every CLI
+# launch below start from it. The demo's conditioned, class-weighted G has its own tests
+# (test_conditioning.py, test_class_weights.py, test_experiment.py's shipped-demo run).
+PAPER_METHOD = {"diffusion.condition": "none", "diffusion.class_weight_power": 0.0, "sample.guidance": 0.0,
+                "experiment.arms": ("raw", "curated")}
+
+
+def paper_method_flags(overrides=()) -> list[str]:
+  """PAPER_METHOD as command-line overrides, for a test's own `python -m satsynth_jax.main` line
+  (less the keys the test's `overrides` set themselves)."""
+  return [config_flag(key, value) for key, value in PAPER_METHOD.items() if key not in overrides]
+
+
+def load_config(name: str, *, shipped: bool = False, **overrides):
+  """configs/<name>.py from PAPER_METHOD (as shipped with shipped=True) with dotted overrides, e.g.
+  load_config("demo", **{"data.patch_size": 32})."""
   import importlib
   import sys
 
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   config = importlib.import_module(f"configs.{name}").get_config()
-  for key, value in overrides.items():
+  for key, value in (({} if shipped else PAPER_METHOD) | overrides).items():
     node = config
     *parents, leaf = key.split(".")
     for p in parents:
@@ -108,8 +124,8 @@ def prepared_demo(tmp_path_factory, name: str, overrides: dict):
 
 def config_flag(key: str, value) -> str:
   """A command-line override: config_flag("diffusion.model.ch_mult", (1, 2)) -> "--config.diffusion.model.ch_mult=(1,2)"."""
-  if isinstance(value, tuple):
-    value = f"({','.join(map(str, value))})"
+  if isinstance(value, tuple):  # ml_collections parses the flag as a Python literal
+    value = f"({','.join(map(repr, value))}{',' if len(value) == 1 else ''})"
   return f"--config.{key}={value}"
 
 
@@ -119,14 +135,16 @@ def cpu_env(devices: int, **more) -> dict:
   return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}", **more}
 
 
-def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout: int = 900) -> str:
+def run_main(mode: str, workdir, overrides: dict, config: str = "demo", timeout: int = 900,
+             shipped: bool = False) -> str:
   """`python -m satsynth_jax.main` as a user runs it, on one CPU device; asserts success, returns stdout.
 
   One device: 4 virtual ones on 2 shared cores only add all-reduce copies. The compile cache
   set above is shared with these subprocesses.
   """
   cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", f"--mode={mode}",
-         f"--workdir={workdir}", *(config_flag(k, v) for k, v in overrides.items())]
+         f"--workdir={workdir}", *(() if shipped else paper_method_flags(overrides)),
+         *(config_flag(k, v) for k, v in overrides.items())]
   env = cpu_env(devices=1)
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   assert result.returncode == 0, result.stderr[-3000:]

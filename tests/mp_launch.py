@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import REPO, cpu_env
+from conftest import REPO, cpu_env, paper_method_flags
 
 NUM_PROCESSES = 2
 # A launch (start-up, compile, a few steps) takes 15-60 s on the 2 shared cores and about 150 s
@@ -44,7 +44,7 @@ def _start(workdir, mode: str, flags: list[str], log_prefix: pathlib.Path, port:
   procs = []
   for index in range(NUM_PROCESSES):
     env = cpu_env(devices=2, JAX_PLATFORMS="cpu", **(more_env or {}))
-    args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+    args = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", *paper_method_flags(), f"--workdir={workdir}",
             f"--mode={mode}", *flags]
     if via_env:
       env.update(SATSYNTH_COORDINATOR=address, SATSYNTH_NUM_PROCESSES=str(NUM_PROCESSES),

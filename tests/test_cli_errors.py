@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flag, cpu_env, load_config
+from conftest import REPO, config_flag, cpu_env, load_config, paper_method_flags
 from satsynth_jax.infra import checkpoint, workdir as layout
 from satsynth_jax.jobs import prepare
 from test_reliability import RUN, TINY, cli, error_line
@@ -126,7 +126,7 @@ START_TIMEOUT_S = 240  # start-up under heavy load, 10x the measured worst case
 def test_sigterm_saves_a_complete_checkpoint_exits_in_one_line_and_the_rerun_resumes(prepared):
   overrides = {**TINY, "diffusion.train.num_steps": SIGTERM_STEPS, "diffusion.train.log_every": 1,
                "diffusion.train.checkpoint_every": SIGTERM_STEPS}
-  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=train_diffusion",
+  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", *paper_method_flags(), "--mode=train_diffusion",
          f"--workdir={prepared}", *(config_flag(k, v) for k, v in overrides.items())]
   env = cpu_env(devices=1)
   metrics = prepared / "metrics" / f"{RUN}.jsonl"

@@ -90,3 +90,16 @@ def test_conditioned_and_unconditioned_generators_are_never_taken_for_each_other
   bad.sample.presence, bad.sample.require_classes = "real", ("lava",)
   with pytest.raises(config_check.ConfigError, match=r"sample.require_classes=\('lava',\)"):
     config_check.validate(bad)
+
+
+def test_an_unconditional_plan_samples_without_guidance_whatever_sample_guidance_says():
+  """Guidance mixes the conditional and the null prediction; under the null condition they are one,
+  so an unconditional set of a conditioned G is the same set at any scale (and costs one pass a step)."""
+  from conftest import load_config
+
+  config = load_config("demo", **{"diffusion.condition": "presence", "sample.guidance": 2.0})
+  assert resolved.guidance(config) == 0.0 and resolved.synthetic_set(config) == "diffusion_x0_presence"
+  assert sample.presence_plan(config, config)["guidance"] == 0.0
+  config.sample.presence = "real"
+  assert resolved.guidance(config) == 2.0 and resolved.synthetic_set(config) == "diffusion_x0_presence_real_w2"
+  assert sample.presence_plan(config, config)["guidance"] == 2.0

@@ -209,3 +209,45 @@ def test_data_synthetic_dir_is_refused_when_the_experiment_samples_two_sets(over
   config_check.validate(config)  # one set at a time outside the experiment
   with pytest.raises(config_check.ConfigError, match=r"data.synthetic_dir='/sets/mine': names one folder, but "):
     config_check.validate(config, mode="experiment")
+
+
+@pytest.mark.parametrize("mode", ["sample", "train_segmentation", "curate", "evaluate", "train_diffusion"])
+def test_what_the_arms_need_binds_only_the_experiment(mode):
+  """A user who curates nothing, or samples with an unconditioned G, is not refused over arms no job of
+  theirs runs; the experiment is."""
+  from conftest import load_config
+  from satsynth_jax import config_check
+
+  uncurated = load_config("demo", **{"curation.enabled": False, "experiment.arms": ("raw", "curated")})
+  unconditioned = load_config("demo", **{"experiment.arms": ("raw", "conditioned")})
+  for config in (uncurated, unconditioned):
+    if mode != "curate" or config is unconditioned:
+      config_check.validate(config, mode=mode)
+  with pytest.raises(config_check.ConfigError, match=r"curation.enabled=False: is False but experiment.arms"):
+    config_check.validate(uncurated, mode="experiment")
+  with pytest.raises(config_check.ConfigError, match=r"experiment.arms=.*need a class-presence conditioned G"):
+    config_check.validate(unconditioned, mode="experiment")
+
+
+def test_the_shipped_demo_trains_a_conditioned_class_weighted_g_and_reports_its_arm(tmp_path):
+  """The demo as shipped (presence-conditioned G with a class-weighted loss, the raw and conditioned
+  arms), shrunk: both sets are sampled from the one G, the conditioned one asked with the real train
+  pairs' classes under guidance 1, and the summary reports both arms and both sets' class shares."""
+  shipped = load_config("demo", shipped=True)
+  assert (shipped.diffusion.condition, shipped.diffusion.class_weight_power, tuple(shipped.experiment.arms)) == (
+      "presence", 0.5, ("raw", "conditioned"))
+  shrunk = {**SHRUNK, "experiment.seeds": 1}
+  out = run_main("experiment", tmp_path, shrunk, shipped=True)
+  assert "curate" not in out
+  summary = (tmp_path / "report" / "summary.md").read_text()
+  rows = tables(summary)["test"][1]
+  assert set(rows) == {"D", "D u D' (`diffusion_x0_presence`)",
+                       "D u D'_conditioned (`diffusion_x0_presence_real_w1`)"}
+  g = json.loads((tmp_path / "checkpoints" / "diffusion_x0_presence" / "config.json").read_text())["shaping"]
+  assert g["diffusion.class_weight_power"] == 0.5 and g["diffusion.condition"] == "presence"
+  conditioned = tmp_path / "synthetic" / "diffusion_x0_presence_real_w1"
+  plan = json.loads((conditioned / "config.json").read_text())["shaping"]["presence_plan"]
+  assert plan == {"presence": "real", "require_classes": [], "guidance": 1.0}
+  quality = json.loads((tmp_path / "metrics" / "sample_quality_diffusion_x0_presence_real_w1.json").read_text())
+  assert set(quality["presence_accuracy"]) <= set(shipped.data.class_names) and quality["class_tv"] is not None
+  assert "| `diffusion_x0_presence_real_w1` |" in summary

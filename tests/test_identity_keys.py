@@ -43,6 +43,7 @@ def _cadence(section: str) -> dict:
 G_FREE = {**NOT_TRAINING, **NOT_LEARNED, **_cadence("diffusion.train"), "sr.": "G_SR's",
           "segmentation.": "the segmenter's"}
 SR_FREE = {**NOT_TRAINING, **NOT_LEARNED, **_cadence("sr.train"), "diffusion.train.": "G's training",
+           "diffusion.class_weight_power": "G's loss only: G_SR weighs every pixel alike",
            "segmentation.": "the segmenter's"}
 SEGMENTER_FREE = {**NOT_TRAINING, **{k: v for k, v in NOT_LEARNED.items() if not k.startswith("data.synthetic")},
                   **_cadence("segmentation.train"),
@@ -188,7 +189,9 @@ def _plan(base: dict):
 def test_every_sampling_setting_is_in_the_sample_plan():
   """ddim_eta, sampler, ddim_steps, seed, per_real, ...: each changes the set's name or its plan under G,
   the cascade, or a presence-conditioned G (whose plan alone reads sample.presence and guidance)."""
-  bases = [{}, {"sample.super_resolve": True}, {"diffusion.condition": "presence"}]
+  # Guidance reads only in a conditional plan (an unconditional one samples at 0 whatever it says).
+  bases = [{}, {"sample.super_resolve": True}, {"diffusion.condition": "presence"},
+           {"diffusion.condition": "presence", "sample.presence": "real"}]
   _assert_covered([(base, _plan(base)) for base in bases], PLAN_FREE)
 
 

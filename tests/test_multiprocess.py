@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import mp_launch
-from conftest import REPO, TINY_G_RUN, load_config
+from conftest import REPO, TINY_G_RUN, load_config, paper_method_flags
 from satsynth_jax import resolved
 from satsynth_jax.data import pipeline, records
 from satsynth_jax.infra import checkpoint, distributed, parallel, workdir as layout
@@ -94,7 +94,7 @@ def test_incomplete_or_bad_settings_name_the_setting(kwargs, message):
 
 def test_cli_refuses_incomplete_settings_before_starting(tmp_path):
   result = subprocess.run([sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py",
-                           f"--workdir={tmp_path}", "--mode=sample", "--coordinator_address=127.0.0.1:1"],
+                           *paper_method_flags(), f"--workdir={tmp_path}", "--mode=sample", "--coordinator_address=127.0.0.1:1"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={k: v for k, v in os.environ.items() if not k.startswith("SATSYNTH_")})
   assert result.returncode == 2

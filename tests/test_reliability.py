@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_G_RUN, config_flag, cpu_env, run_main
+from conftest import REPO, TINY_G_RUN, config_flag, cpu_env, paper_method_flags, run_main
 
 PREFIX = "satsynth_jax: error: "
 RUN = "diffusion_x0"  # the demo's G: x0 prediction
@@ -27,7 +27,7 @@ TINY = {**TINY_G_RUN, "diffusion.train.keep_checkpoints": 5}
 
 def cli(mode, workdir, overrides=None, *flags, config="demo", timeout=600):
   """The CLI on one CPU device, as a user runs it; the CompletedProcess, whatever its exit code."""
-  cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", f"--mode={mode}",
+  cmd = [sys.executable, "-m", "satsynth_jax.main", f"--config=configs/{config}.py", *paper_method_flags(), f"--mode={mode}",
          f"--workdir={workdir}", *(config_flag(k, v) for k, v in (overrides or {}).items()), *flags]
   env = cpu_env(devices=1)
   return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -73,7 +73,7 @@ def test_impossible_settings_fail_in_one_line_before_writing(tmp_path, mode, ove
 
 def test_batch_not_divisible_by_the_devices_fails_in_one_line(tmp_path):
   workdir = tmp_path / "w"
-  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=train_diffusion",
+  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", *paper_method_flags(), "--mode=train_diffusion",
          f"--workdir={workdir}", config_flag("diffusion.train.batch_size", 6)]
   env = cpu_env(devices=4)
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

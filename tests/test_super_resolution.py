@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO, load_config
+from conftest import REPO, load_config, paper_method_flags
 from satsynth_jax import config_check, generator, labels
 from satsynth_jax.config_check import ConfigError
 from satsynth_jax.diffusion import conditioning, schedule
@@ -200,7 +200,7 @@ def cli_workdir(prepared):
   workdir = _workdir(root, "cli")
   overrides = [f"--config.{k}={v}" for k, v in TINY.items() if not k.startswith("data.demo")]
   result = subprocess.run(
-      [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", f"--workdir={workdir}",
+      [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", *paper_method_flags(), f"--workdir={workdir}",
        "--mode=train_sr", *overrides, "--config.sr.train.sample_every=2"],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

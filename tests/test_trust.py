@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, config_flag, cpu_env, load_config, run_main
+from conftest import REPO, config_flag, cpu_env, load_config, paper_method_flags, run_main
 from satsynth_jax import resolved, segmenter
 from satsynth_jax.data import records, splits
 from satsynth_jax.infra import checkpoint, cli as command_line, identity, lock, workdir as layout
@@ -168,7 +168,7 @@ def test_a_new_run_or_set_records_its_settings_and_hidden_temp_files_count_as_no
 # ---- item 6: one line, never a traceback ----
 
 def test_exporting_a_bucket_set_without_gcsfs_fails_in_one_line(tmp_path):
-  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", "--mode=export",
+  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/demo.py", *paper_method_flags(), "--mode=export",
          f"--workdir={tmp_path}", config_flag("data.synthetic_dir", "gs://bucket/set")]
   env = cpu_env(devices=1, EPATH_USE_TF="false")  # epath then reads gs:// through gcsfs, absent here
   result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

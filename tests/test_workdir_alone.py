@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_EXPERIMENT, config_flag, cpu_env, load_config
+from conftest import REPO, TINY_EXPERIMENT, config_flag, cpu_env, load_config, paper_method_flags
 from satsynth_jax import config_check
 from satsynth_jax.main import MODES
 from test_reliability import error_line
@@ -23,14 +23,14 @@ TINY = {
     **TINY_EXPERIMENT, **CLASSES, "data.patch_size": 16, "data.read_threads": 1,
     "diffusion.train.num_steps": 2, "diffusion.train.log_every": 1, "diffusion.train.checkpoint_every": 2,
     "sample.ddim_steps": 2, "segmentation.train.num_steps": 2, "segmentation.train.log_every": 1,
-    "segmentation.train.checkpoint_every": 2, "experiment.seeds": 1, "experiment.arms": "('raw',)",
+    "segmentation.train.checkpoint_every": 2, "experiment.seeds": 1, "experiment.arms": ("raw",),
     "curation.enabled": False,
 }
 
 
 def cli(mode, workdir, overrides):
   """The CLI as a user runs it (the cpu preset, one CPU device); the CompletedProcess."""
-  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/default.py:cpu", f"--mode={mode}",
+  cmd = [sys.executable, "-m", "satsynth_jax.main", "--config=configs/default.py:cpu", *paper_method_flags(overrides), f"--mode={mode}",
          f"--workdir={workdir}", *(config_flag(k, v) for k, v in overrides.items())]
   return subprocess.run(cmd, cwd=REPO, env=cpu_env(devices=1), capture_output=True, text=True, timeout=600)
 

@@ -122,16 +122,18 @@ def diffusion_batches(
     batch_size: int,
     seed: int,
     presence: bool = False,
+    class_weights: np.ndarray | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> grain.IterDataset:
-  """Endless training batches {"x": float32[B, S, S, 3 + C] in [-1, 1][, "presence"]} for the diffusion model."""
+  """Endless training batches {"x": float32[B, S, S, 3 + C] in [-1, 1][, "presence"][, "weights"]} for the
+  diffusion model; `class_weights` [K] give each pixel's loss weight by its class ("weights" [B, S, S]; no-data 1)."""
   d = config.data
   ds = pairs(open_records(record_dir, config), config, seed=seed, train=True,
              process_index=process_index, process_count=process_count)
   ds = ds.map(functools.partial(_diffusion_example, num_classes=d.num_classes, encoding=d.label_encoding,
                                 ignore_index=d.ignore_index, no_data_code=d.no_data_code,
-                                fill_class=d.ignore_fill_class, presence=presence))
+                                fill_class=d.ignore_fill_class, presence=presence, class_weights=class_weights))
   return _batched(ds, config, batch_size)
 
 
@@ -237,12 +239,15 @@ def _tag(example: Example, *, is_synthetic: bool) -> Example:
 
 
 def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int, no_data_code: bool,
-                       fill_class: int, presence: bool = False) -> Example:
+                       fill_class: int, presence: bool = False, class_weights: np.ndarray | None = None) -> Example:
   joint = labels.encode_real_pair(example["image"], example["mask"], num_classes, encoding, ignore_index=ignore_index,
                                   no_data_code=no_data_code, fill_class=fill_class)
   out = {"x": joint.astype(np.float32, copy=False)}
   if presence:
     out["presence"] = labels.presence(example["mask"], num_classes)
+  if class_weights is not None:
+    weights = np.append(np.asarray(class_weights, np.float32), np.float32(1.0))  # the last entry: no-data
+    out["weights"] = weights[np.minimum(example["mask"], num_classes)]
   return out
 
 

@@ -156,7 +156,8 @@ def posterior_mean_variance(sched: Schedule, x0: jax.Array, xt: jax.Array,
 def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, sched: Schedule, x0: jax.Array,
                    rng: jax.Array, *, prediction: str = "eps", train: bool = True,
                    cond: jax.Array | None = None, weighting: str = "uniform", min_snr_gamma: float = 5.0,
-                   self_condition: bool = False, **model_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+                   self_condition: bool = False, pixel_weights: jax.Array | None = None,
+                   **model_kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DDPM objective: MSE between the denoiser's output and its target, weighted per timestep.
 
   Args:
@@ -176,6 +177,8 @@ def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, sched: Sched
       (one coin per batch) the model first estimates x0 without help, and that estimate,
       without gradient, is its self_cond input for the trained pass; otherwise self_cond is 0.
       Sampling feeds each step the previous step's x0 estimate.
+    pixel_weights: optional [B, H, W] weights of each pixel's squared error (e.g. by its class, so rare
+      classes are not drowned by the common ones); None weighs every pixel alike.
     **model_kwargs: further inputs passed to apply_fn unchanged (e.g. G's class presence).
 
   Returns:
@@ -201,5 +204,7 @@ def diffusion_loss(apply_fn: Callable[..., jax.Array], params: Any, sched: Sched
   target = regression_target(sched, x0, t, noise, prediction)
   weights = loss_weights(sched, t, prediction, weighting, min_snr_gamma)
   squared = jnp.square(out.astype(jnp.float32) - target) * weights.reshape((-1,) + (1,) * (x0.ndim - 1))
+  if pixel_weights is not None:
+    squared = squared * pixel_weights[..., None]
   loss_per_channel = jnp.mean(squared, axis=tuple(range(x0.ndim - 1)))
   return jnp.mean(loss_per_channel), {"loss_per_channel": loss_per_channel}

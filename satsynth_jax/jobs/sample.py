@@ -42,7 +42,7 @@ def presence_plan(config, gconfig) -> dict | None:
   if not resolved.conditioned(gconfig):
     return None
   s = config.sample
-  return {"presence": s.presence, "require_classes": list(s.require_classes), "guidance": s.guidance}
+  return {"presence": s.presence, "require_classes": list(s.require_classes), "guidance": resolved.guidance(config)}
 
 
 def plan(config, gconfig, num_real: int, step: int, sr_step: int | None, sr_config=None, workdir=None) -> dict:
@@ -149,7 +149,7 @@ def run(config, workdir) -> None:
   mesh = parallel.make_mesh(jax.local_devices())
   gconfig, model, params, step = generator.restore_g(config, workdir, mesh, s.checkpoint_step)
   generate = generator.make_generate_fn(gconfig, model, mesh, batch, sampler=s.sampler, ddim_steps=s.ddim_steps,
-                                        ddim_eta=s.ddim_eta, guidance_scale=s.guidance)
+                                        ddim_eta=s.ddim_eta, guidance_scale=resolved.guidance(config))
   draw, sr_config, sr_step = _make_draw(config, gconfig, workdir, mesh, batch, params, generate)
   out_config = sr_config if sr_config is not None else gconfig  # what the set's pairs are decoded with
   shaping = plan(config, gconfig, real["num_examples"], step, sr_step, sr_config, workdir)

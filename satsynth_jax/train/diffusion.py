@@ -16,7 +16,7 @@ import optax
 from absl import logging
 
 from satsynth_jax import generator, resolved
-from satsynth_jax.data import pipeline
+from satsynth_jax.data import pipeline, records
 from satsynth_jax.diffusion import guidance, schedule
 from satsynth_jax.infra import parallel, viz, workdir as layout
 from satsynth_jax.models.unet import UNet
@@ -45,7 +45,8 @@ def train_step(state: TrainState, batch, *, model: UNet, sched: schedule.Schedul
   def loss_fn(params):
     return schedule.diffusion_loss(generator.apply_fn(model), params, sched, batch["x"], rng,
                                    prediction=prediction, train=True, cond=batch.get("cond"), weighting=weighting,
-                                   min_snr_gamma=min_snr_gamma, self_condition=model.self_condition, **inputs)
+                                   min_snr_gamma=min_snr_gamma, self_condition=model.self_condition,
+                                   pixel_weights=batch.get("weights"), **inputs)
 
   (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   per_channel = aux["loss_per_channel"]
@@ -76,11 +77,27 @@ def _preview(config, model, mesh, workdir):
   return preview
 
 
+def class_weights(config, class_pixels) -> np.ndarray | None:
+  """Per-class pixel weights of G's loss: class c weighs f_c^(-diffusion.class_weight_power) (f_c its share
+  of the train split's labelled pixels), scaled so the train pixels' mean weight is 1; a class the split
+  lacks gets 1. None for power 0 (the paper: every pixel alike)."""
+  power = config.diffusion.class_weight_power
+  if power == 0:
+    return None
+  pixels = np.asarray(class_pixels, np.float64)
+  share = pixels / pixels.sum()
+  raw = np.ones_like(share)
+  raw[pixels > 0] = share[pixels > 0] ** -power
+  return (raw / np.sum(share * raw)).astype(np.float32)
+
+
 def _batches(config, workdir, batch: int):
-  batches = pipeline.diffusion_batches(config, layout.data_dir(workdir, "train"), batch_size=batch,
-                                       seed=config.seed, presence=resolved.conditioned(config))
+  train_dir = layout.data_dir(workdir, "train")
+  weights = class_weights(config, records.read_manifest(train_dir)["class_pixels"])
+  batches = pipeline.diffusion_batches(config, train_dir, batch_size=batch, seed=config.seed,
+                                       presence=resolved.conditioned(config), class_weights=weights)
   if not config.diffusion.joint_labels:  # image-only baseline: drop the label channels
-    batches = batches.map(lambda b: {"x": b["x"][..., :3]})
+    batches = batches.map(lambda b: {**b, "x": b["x"][..., :3]})
   return iter(batches)
 
 

@@ -88,6 +88,20 @@ def test_line_chart_draws_each_series_in_its_colour_and_skips_bad_points():
     viz.line_chart({"x": ([0, 1], [np.nan, np.inf])}, "empty")
 
 
+def test_the_legend_leaves_the_end_of_rising_curves_visible():
+  """Training curves rise to the top right, where they end (the part people read): the legend box
+  goes to the corner the curves leave free."""
+  steps = np.arange(100, 1001, 100)
+  curves = {"D": [41.2, 47.3, 55, 59.4, 60.1, 60.8, 61.3, 62.0, 62.6, 63.4],
+            "D u D' (a set with a long name)": [42.5, 55.1, 57, 59, 60.4, 61.2, 60.8, 61.5, 62, 62.3],
+            "D u D'_conditioned (another set with a long name)": [43.5, 51.4, 55, 58.5, 59.9, 60.3, 61, 61.8,
+                                                                   62.5, 62.9]}
+  chart = np.asarray(viz.line_chart({k: (steps, np.array(v)) for k, v in curves.items()}, "val mIoU"))
+  last_steps = chart[:, 860:878]  # the plot's last columns, left of its right edge
+  for colour in viz.SERIES_COLORS[:3]:
+    assert (last_steps == colour).all(-1).sum() > 5, colour
+
+
 def test_format_number():
   assert [viz.format_number(v) for v in (0, 0.25, 12000, 1e-5, 3.5e6)] == ["0", "0.25", "12000", "1e-05", "3.5e+06"]
 

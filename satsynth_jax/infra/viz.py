@@ -364,12 +364,28 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
       elif run:
         draw.line(run, fill=color, width=2, joint="curve")
       run = []
-  # Legend last, on a white box, so no curve hides it.
+  # Legend last, on a white box, so no curve hides it; in the corner the curves' points crowd least
+  # (a training curve's top right is where it ends, the part people read).
   text_w = min(max(_text_size(name, 12)[0] for name in cleaned), (right - left) // 2)
-  box_left = right - text_w - 46
-  draw.rectangle((box_left, top + 6, right - 6, top + 14 + 18 * len(cleaned)), fill=WHITE, outline=GRID)
+  box_w, box_h = text_w + 40, 8 + 18 * len(cleaned)
+  drawn = []  # points along every drawn segment, not only its ends
+  for x, y, ok in cleaned.values():
+    pixels = [(x_axis(a), y_axis(b)) if good else None for a, b, good in zip(x, y, ok)]
+    for p, q in zip(pixels, pixels[1:] + [None]):
+      if p is not None:
+        drawn += [p] if q is None else [(p[0] + f * (q[0] - p[0]), p[1] + f * (q[1] - p[1]))
+                                        for f in np.linspace(0, 1, 16)]
+  corners = [(right - 6 - box_w, top + 6), (right - 6 - box_w, bottom - 6 - box_h), (left + 6, top + 6),
+             (left + 6, bottom - 6 - box_h)]
+
+  def crowd(corner):
+    bx, by = corner
+    return sum(bx - 8 <= px <= bx + box_w + 8 and by - 8 <= py <= by + box_h + 8 for px, py in drawn)
+
+  box_left, box_top = min(corners, key=crowd)  # ties keep the first: top right
+  draw.rectangle((box_left, box_top, box_left + box_w, box_top + box_h), fill=WHITE, outline=GRID)
   for i, name in enumerate(cleaned):
-    legend_y = top + 19 + i * 18
+    legend_y = box_top + 13 + i * 18
     draw.line((box_left + 8, legend_y, box_left + 30, legend_y), fill=SERIES_COLORS[i % len(SERIES_COLORS)], width=3)
     draw.text((box_left + 36, legend_y), _clip_text(name, text_w, 12), fill=INK, font=font(12), anchor="lm")
   return chart

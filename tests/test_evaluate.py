@@ -137,3 +137,9 @@ def test_score_table_lists_classes_and_means():
   assert lines[1].split() == ["a", "50.00", "66.67"]
   assert lines[2].split() == ["b", "n/a", "n/a"]
   assert lines[3].split() == ["mean", "50.00", "66.67"]
+
+
+def test_a_split_heading_counts_its_scenes_in_words():
+  one = report._split_heading("val", {"num_examples": 16, "num_scenes": 1, "split_notes": ["val: 1 of 7 held out"]})
+  assert one == "## Val split: 16 patches from 1 scene (settings (budgets, generator levers) were chosen here; 1 of 7 held out)"
+  assert "from 3 scenes (" in report._split_heading("test", {"num_examples": 48, "num_scenes": 3})

@@ -167,8 +167,9 @@ def _split_heading(split: str, manifest: dict | None) -> str:
     return f"## {split.capitalize()} split ({role})"
   notes = [n for n in manifest.get("split_notes", []) if n.startswith(f"{split}:")]
   origin = f"; {notes[0][len(split) + 2:]}" if notes else ""
-  return (f"## {split.capitalize()} split: {manifest['num_examples']} patches from {manifest['num_scenes']} scenes "
-          f"({role}{origin})")
+  scenes = manifest["num_scenes"]
+  return (f"## {split.capitalize()} split: {manifest['num_examples']} patches from {scenes} "
+          f"scene{'' if scenes == 1 else 's'} ({role}{origin})")
 
 
 def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None]]],

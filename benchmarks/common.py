@@ -9,6 +9,7 @@ measured on its own and never lands in a timed call.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import os
 import pathlib
@@ -66,6 +67,18 @@ def task_setup(task, batch: int, seed: int) -> TaskSetup:
   mesh = parallel.make_mesh()
   parallel.per_process_batch_size(batch, "--batch", mesh)
   return TaskSetup(mesh, parallel.batch_sharding(mesh), loop.init_state(task, mesh, seed), loop.compile_step(task, mesh))
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+  """--set KEY=VALUE items as {key: value}; a value is a Python literal when it parses as one, else a string."""
+  overrides = {}
+  for item in items:
+    key, value = item.split("=", 1)
+    try:
+      overrides[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      overrides[key] = value
+  return overrides
 
 
 def overridden(config, values: dict):

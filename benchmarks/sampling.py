@@ -126,14 +126,7 @@ def main(argv=None) -> str:
   parser.add_argument("--rounds", type=int, default=2, help="timed rounds after one untimed warm-up")
   parser.add_argument("--workdir", default="", help="reuse this workdir (made if empty); default: a temp dir")
   args = parser.parse_args(argv)
-  import ast  # pylint: disable=g-import-not-at-top
-  overrides = dict(CPU_OVERRIDES)
-  for item in args.set:
-    key, value = item.split("=", 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
+  overrides = {**CPU_OVERRIDES, **common.parse_overrides(args.set)}
   config = common.overridden(importlib.import_module(f"satsynth_jax.configs.{args.config}").get_config(), overrides)
   load = common.load_average()
   with tempfile.TemporaryDirectory(prefix="bench_sampling_") as tmp:

@@ -32,20 +32,12 @@ def main() -> None:
   from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
   host_devices.configure(demo.get_config())  # the CLI's CPU devices and flags, before JAX starts
 
-  import ast  # pylint: disable=g-import-not-at-top
-
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
   from satsynth_jax.infra import report, workdir as layout  # pylint: disable=g-import-not-at-top
   from satsynth_jax.jobs import evaluate, prepare, train_segmentation  # pylint: disable=g-import-not-at-top
 
-  overrides = {}
-  for item in args.set:
-    key, value = item.split("=", 1)
-    try:
-      overrides[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      overrides[key] = value
+  overrides = common.parse_overrides(args.set)
   root = args.root.absolute()
   base = demo.get_config()
   base.update_from_flattened_dict(overrides)

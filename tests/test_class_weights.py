@@ -41,11 +41,11 @@ def test_power_zero_is_the_papers_loss_and_a_positive_power_favours_rare_classes
 
 
 def test_each_pixel_weighs_its_class_and_no_data_weighs_one(tmp_path_factory):
-  class_weights = np.array([1.0, 2.0, 3.0], np.float32)
+  table = np.array([1.0, 2.0, 3.0, 1.0], np.float32)  # three classes, then no-data
   mask = np.array([[0, 1, 2], [2, 255, 0]], np.uint8)
   example = {"image": np.zeros((2, 3, 3), np.uint8), "mask": mask}
   out = pipeline._diffusion_example(example, num_classes=3, encoding="bits", ignore_index=255, no_data_code=False,
-                                    fill_class=0, class_weights=class_weights)
+                                    fill_class=0, weight_table=table)
   np.testing.assert_array_equal(out["weights"], [[1.0, 2.0, 3.0], [3.0, 1.0, 1.0]])
   # The batches carry the map beside x, pixel for pixel, and leave x as it was.
   config, workdir = prepared_demo(tmp_path_factory, "weights", {})

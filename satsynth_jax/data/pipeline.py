@@ -131,9 +131,11 @@ def diffusion_batches(
   d = config.data
   ds = pairs(open_records(record_dir, config), config, seed=seed, train=True,
              process_index=process_index, process_count=process_count)
+  # Once, not per example: the class weights, then no-data's weight of 1.
+  table = None if class_weights is None else np.append(np.asarray(class_weights, np.float32), np.float32(1.0))
   ds = ds.map(functools.partial(_diffusion_example, num_classes=d.num_classes, encoding=d.label_encoding,
                                 ignore_index=d.ignore_index, no_data_code=d.no_data_code,
-                                fill_class=d.ignore_fill_class, presence=presence, class_weights=class_weights))
+                                fill_class=d.ignore_fill_class, presence=presence, weight_table=table))
   return _batched(ds, config, batch_size)
 
 
@@ -239,15 +241,14 @@ def _tag(example: Example, *, is_synthetic: bool) -> Example:
 
 
 def _diffusion_example(example: Example, *, num_classes: int, encoding: str, ignore_index: int, no_data_code: bool,
-                       fill_class: int, presence: bool = False, class_weights: np.ndarray | None = None) -> Example:
+                       fill_class: int, presence: bool = False, weight_table: np.ndarray | None = None) -> Example:
   joint = labels.encode_real_pair(example["image"], example["mask"], num_classes, encoding, ignore_index=ignore_index,
                                   no_data_code=no_data_code, fill_class=fill_class)
   out = {"x": joint.astype(np.float32, copy=False)}
   if presence:
     out["presence"] = labels.presence(example["mask"], num_classes)
-  if class_weights is not None:
-    weights = np.append(np.asarray(class_weights, np.float32), np.float32(1.0))  # the last entry: no-data
-    out["weights"] = weights[np.minimum(example["mask"], num_classes)]
+  if weight_table is not None:  # [K + 1]: each class's loss weight, then no-data's
+    out["weights"] = weight_table[np.minimum(example["mask"], num_classes)]
   return out
 
 

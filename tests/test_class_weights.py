@@ -89,3 +89,12 @@ def test_a_class_weighted_g_trains_and_records_its_power(tmp_path_factory):
   config.diffusion.class_weight_power = 0.0
   with pytest.raises(identity.SettingsMismatchError, match=r"diffusion.class_weight_power: 0.5 -> 0.0"):
     train_diffusion.run(config, workdir)
+
+
+@pytest.mark.parametrize("power", [-1.0, 2.5, float("nan"), float("inf")])
+def test_a_power_outside_zero_to_two_is_refused_naming_the_key(power):
+  from satsynth_jax import config_check
+
+  config = load_config("demo", **{"diffusion.class_weight_power": power})
+  with pytest.raises(config_check.ConfigError, match=r"diffusion.class_weight_power=.*: must be a number in \[0.0, 2.0\]"):
+    config_check.validate(config, mode="train_diffusion")

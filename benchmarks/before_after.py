@@ -27,7 +27,7 @@ import tempfile
 import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-RESULT = "RESULT "
+RESULT = "RESULT "  # common.WORKER_RESULT; the worker runs inside another source tree
 BATCH = {"unet": 16, "fpn": 2}
 PEER = {"unet": "diffusers UNet2DModel", "fpn": "smp FPN('resnet50')"}
 
@@ -78,11 +78,11 @@ def run(model: str, side: str, tree: str, steps: int) -> dict | str:
   env = dict(os.environ, XLA_FLAGS=host_devices.CONV_FLAG, JAX_PLATFORMS="cpu")
   cmd = ["taskset", "-c", "0", sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", side,
          f"--models={model}", f"--steps={steps}"]
-  done = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
-  for line in done.stdout.splitlines():
-    if line.startswith(RESULT):
-      return json.loads(line[len(RESULT):])
-  return f"failed (rc {done.returncode}): {done.stderr.strip().splitlines()[-1:]}"
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  try:
+    return common.run_worker(cmd, env, f"{model}, {side}", cwd=tree, timeout=None)
+  except RuntimeError as e:  # one side failing (e.g. an old tree without a model) still prints the table
+    return f"failed: {str(e).strip().splitlines()[-1][-300:]}"
 
 
 def main() -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import os
 import pathlib
 import platform
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from typing import TypeVar
@@ -248,3 +250,21 @@ def fmt(value: float | None, digits: int = 3) -> str:
   if value is None:
     return "-"
   return f"{value:.{digits}g}" if abs(value) < 10 ** digits else f"{value:.0f}"
+
+
+# Benchmarks that need a fresh process per setting (XLA reads XLA_FLAGS once per process) run
+# themselves as workers, which print one line: WORKER_RESULT + JSON.
+WORKER_RESULT = "RESULT "
+
+
+def print_worker_result(result: dict) -> None:
+  print(WORKER_RESULT + json.dumps(result), flush=True)
+
+
+def run_worker(cmd: Sequence[str], env: dict, what: str, *, cwd=None, timeout: float | None = 1800) -> dict:
+  """The worker's JSON result; RuntimeError naming `what`, its exit code and stderr's end when it printed none."""
+  done = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+  for line in done.stdout.splitlines():
+    if line.startswith(WORKER_RESULT):
+      return json.loads(line[len(WORKER_RESULT):])
+  raise RuntimeError(f"worker failed ({what}, rc {done.returncode}): {done.stderr[-2000:]}")

@@ -15,17 +15,14 @@ stepped 5 times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 CONV = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 FLAG_SETS = (("LLVM -O2 (XLA's default)", CONV), ("LLVM -O1", f"{CONV} --xla_backend_optimization_level=1"),
              ("LLVM -O0", f"{CONV} --xla_backend_optimization_level=0"))
-RESULT = "RESULT "
 
 
 def _compile_and_step(program) -> tuple[float, float]:
@@ -49,13 +46,10 @@ def worker() -> dict:
 
 
 def run(flags: str) -> dict:
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {flags}", JAX_PLATFORMS="cpu")
-  done = subprocess.run(["taskset", "-c", "0", sys.executable, "-m", "benchmarks.compile_time", "--worker"],
-                        env=env, capture_output=True, text=True, timeout=1800, check=False)
-  for line in done.stdout.splitlines():
-    if line.startswith(RESULT):
-      return json.loads(line[len(RESULT):])
-  raise RuntimeError(f"worker failed ({flags}): {done.stderr[-2000:]}")
+  return common.run_worker(["taskset", "-c", "0", sys.executable, "-m", "benchmarks.compile_time", "--worker"],
+                           env, flags)
 
 
 def main() -> None:
@@ -64,7 +58,8 @@ def main() -> None:
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
-    print(RESULT + json.dumps(worker()), flush=True)
+    from benchmarks import common  # pylint: disable=g-import-not-at-top
+    common.print_worker_result(worker())
     return
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   load = common.load_average()

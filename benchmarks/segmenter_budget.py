@@ -29,11 +29,11 @@ def main() -> None:
   args = parser.parse_args()
 
   from satsynth_jax.infra import host_devices  # pylint: disable=g-import-not-at-top
-  from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
-  host_devices.configure(demo.get_config())  # the CLI's CPU devices and flags, before JAX starts
+  host_devices.configure()  # the CLI's CPU flags, before JAX starts
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   from satsynth_jax import resolved  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.configs import demo  # pylint: disable=g-import-not-at-top
   from satsynth_jax.infra import report, workdir as layout  # pylint: disable=g-import-not-at-top
   from satsynth_jax.jobs import evaluate, prepare, train_segmentation  # pylint: disable=g-import-not-at-top
 

@@ -10,6 +10,7 @@ but `prepare` and `export` joins a jax.distributed run first (infra/distributed.
 from __future__ import annotations
 
 import importlib
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -78,7 +79,7 @@ def main(argv):
     cli.fail(str(e))
   primary, processes = True, 1
   if _MODE.value not in SINGLE_PROCESS:
-    cli.start_jax(config, _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    cli.start_jax(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     import jax  # noqa: PLC0415  (after jax.distributed.initialize: the device count spans every host)
     try:
       config_check.validate_devices(config, jax.device_count())
@@ -90,6 +91,9 @@ def main(argv):
     checkpoint.configure(allow_fallback=True)
   module_name, fn_name = MODES[_MODE.value].split(":")
   job = getattr(importlib.import_module(module_name), fn_name)
+  if _MODE.value not in SINGLE_PROCESS:
+    logging.info("%d %s device(s) on this process; XLA_FLAGS=%s", jax.local_device_count(), jax.default_backend(),
+                 os.environ.get("XLA_FLAGS", ""))
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
   with cli.one_line_errors(), cli.job_lock(workdir, LOCKED_KINDS[_MODE.value], _MODE.value, primary, processes):
     job(config, workdir)

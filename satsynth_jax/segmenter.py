@@ -128,9 +128,11 @@ class Evaluator:
                                                       "segmentation.eval_batch_size", mesh)
     self.sharded = parallel.batch_sharding(mesh)
     replicated = parallel.replicated(mesh)
-    self._step = jax.jit(functools.partial(eval_step, model=model, num_classes=d.num_classes,
-                                           ignore_index=d.ignore_index),
-                         in_shardings=(replicated, self.sharded), out_shardings=(replicated, replicated, self.sharded))
+    # Shared by value: every run's Evaluator of an equal model reuses one traced and compiled program.
+    self._step = parallel.shared_jit(functools.partial(eval_step, model=model, num_classes=d.num_classes,
+                                                       ignore_index=d.ignore_index),
+                                     in_shardings=(replicated, self.sharded),
+                                     out_shardings=(replicated, replicated, self.sharded))
 
   def split(self, variables, num_preview: int = PREVIEW_EXAMPLES) -> SplitResult:
     """Confusion matrix of `variables` over every example of the split, plus a few for a preview."""

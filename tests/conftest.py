@@ -12,8 +12,7 @@ import sys
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=1"
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {TEST_XLA_FLAGS}")
 from satsynth_jax.infra import host_devices  # noqa: E402  (imports no jax)
-if host_devices.jaxlib_version() >= host_devices.CONV_FLAG_SINCE and "ynn_fusion_type" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += f" {host_devices.CONV_FLAG}"  # the convolutions the CLI runs (infra/host_devices.py)
+host_devices.configure(os.environ)  # the convolutions the CLI runs (infra/host_devices.py)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests (and their CLI subprocesses) compile the same small models: share the work.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/satsynth_jax_test_xla_cache")

@@ -254,6 +254,7 @@ def test_runs_with_equal_steps_trace_the_step_once(tmp_path, data):
 
 
 def test_shared_jit_keys_on_values():
+  assert parallel.shared_jit(jnp.sin) is parallel.shared_jit(jnp.sin)
   mesh = parallel.make_mesh()
   config = lambda lr: ml_collections.ConfigDict(dict(lr=lr, sizes=(1, 2)))
   step = lambda **kw: loop.Task("t", init=None, step=functools.partial(_counted_step, **kw), make_batches=None)

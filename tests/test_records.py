@@ -250,9 +250,33 @@ def test_pair_source_pickles_after_use(written):
   assert clone[3]["id"] == pairs[3].id
 
 
-def test_pair_source_is_thread_safe(written):
+def test_pair_source_cache_decodes_each_record_once_within_its_byte_budget(written, monkeypatch):
   directory, pairs, _ = written
-  source = PairSource(directory)
+  pair_bytes = pairs[0].image.nbytes + pairs[0].mask.nbytes
+  decoded = []
+  parse = records.parse_pair
+  monkeypatch.setattr(records, "parse_pair", lambda data: decoded.append(1) or parse(data))
+  source = PairSource(directory, cache_bytes=3 * pair_bytes)  # room for three of the seven pairs
+  for _ in range(4):
+    for index in range(7):
+      got = source[index]
+      assert got["id"] == pairs[index].id
+      np.testing.assert_array_equal(got["image"], pairs[index].image)
+      np.testing.assert_array_equal(got["mask"], pairs[index].mask)
+  assert len(decoded) == 3 + 4 * 4  # pairs 0-2 once, the four past the budget on every pass
+  cached = source[1]
+  with pytest.raises(ValueError, match="read-only"):
+    cached["image"][0, 0, 0] = 1  # a reader cannot change what later reads get
+  cached["id"] = "changed"
+  assert source[1]["id"] == pairs[1].id  # each read gets its own dict
+  clone = pickle.loads(pickle.dumps(source))
+  assert clone._cache == {} and clone[2]["id"] == pairs[2].id
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 1 << 20])
+def test_pair_source_is_thread_safe(written, cache_bytes):
+  directory, pairs, _ = written
+  source = PairSource(directory, cache_bytes=cache_bytes)
   order = np.random.default_rng(2).integers(0, 7, 200)
   with concurrent.futures.ThreadPoolExecutor(8) as pool:
     got = list(pool.map(lambda i: source[i], order))

@@ -223,3 +223,12 @@ def test_scoring_without_an_encoder_or_with_one_image_says_what_to_do(encoder, t
   write_pairs(tmp_path / "one", config, [image], [np.zeros((SIZE, SIZE), np.uint8)])
   with pytest.raises(sample_quality.TooFewImagesError, match=f"at least 2 images; {tmp_path / 'one'} holds 1$"):
     sample_quality.run_for(config, workdir, str(tmp_path / "one"))
+
+
+def test_every_set_is_scored_by_one_feature_program():
+  """Each set's evaluate_samples builds its extractor: equal encoders share one jitted program."""
+  from conftest import load_config
+  config, mesh = load_config("demo"), parallel.make_mesh()
+  one = sample_quality.make_extractor(segmenter.build(config, "unet"), mesh)
+  assert sample_quality.make_extractor(segmenter.build(config, "unet"), mesh) is one
+  assert sample_quality.make_extractor(segmenter.build(config, "fpn"), mesh) is not one

@@ -132,3 +132,12 @@ def test_loop_evaluates_at_multiples_of_eval_every_without_touching_training(tmp
   assert seen == [2, 4, 6] and [entry["step"] for entry in log_eval if "val_w" in entry] == [2, 4, 6]
   _, log_off = _train_toy(tmp_path / "off", evaluate=evaluate, eval_every=0)
   assert seen == [2, 4, 6] and log_off == log_plain
+
+
+def test_evaluators_of_equal_models_share_one_program(straight):
+  """An experiment builds an Evaluator per run and split: equal models reuse one jitted eval step."""
+  config, mesh = load_config("demo", **OVERRIDES), parallel.make_mesh()
+  val, test = (os.path.join(straight, "data", split) for split in ("val", "test"))
+  one = segmenter.Evaluator(config, segmenter.build(config, "unet"), val, mesh)
+  assert segmenter.Evaluator(config, segmenter.build(config, "unet"), test, mesh)._step is one._step
+  assert segmenter.Evaluator(config, segmenter.build(config, "fpn"), val, mesh)._step is not one._step

@@ -67,6 +67,10 @@ Example = dict[str, Any]
 class PipelineError(SatSynthError, ValueError):
   """Records that cannot feed this config (classes, sizes, counts); the message names the folder."""
 
+# Each record folder a pipeline reads keeps up to this many bytes of decoded pairs (records.PairSource):
+# small splits, read once per epoch for hundreds of epochs, are decoded once.
+DECODED_CACHE_BYTES = 256 << 20
+
 # Seed streams, so the real and synthetic pipelines never share a permutation.
 _REAL_STREAM, _SYNTHETIC_STREAM = 0, 1
 
@@ -265,7 +269,7 @@ def _segmentation_example(example: Example) -> Example:
 
 def open_records(directory: str | os.PathLike, config: ml_collections.ConfigDict) -> records.PairSource:
   """The record directory's pairs, after checking they carry the classes the config expects."""
-  source = records.PairSource(directory)
+  source = records.PairSource(directory, cache_bytes=DECODED_CACHE_BYTES)
   d = config.data
   if source.num_classes != d.num_classes:
     raise PipelineError(f"{directory}: records have num_classes={source.num_classes}, "

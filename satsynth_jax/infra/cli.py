@@ -186,11 +186,11 @@ def _persistent_compilation_cache() -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def start_jax(config, distributed_mode: str, coordinator: str | None, num_processes: int | None,
+def start_jax(distributed_mode: str, coordinator: str | None, num_processes: int | None,
               process_id: int | None) -> None:
-  """CPU devices for the config's batches, the persistent compile cache, and the jax.distributed run
-  (--distributed and its flags), before JAX starts its backends."""
-  cpu_devices = host_devices.configure(config)
+  """XLA's CPU flags, the persistent compile cache, and the jax.distributed run (--distributed and its
+  flags), before JAX starts its backends."""
+  host_devices.configure()
   _persistent_compilation_cache()
   from satsynth_jax.infra import distributed  # noqa: PLC0415  (imports jax: kept off prepare's path)
   try:
@@ -204,6 +204,3 @@ def start_jax(config, distributed_mode: str, coordinator: str | None, num_proces
     # first collective outlasts gloo's fixed 30 s wait. Compiling on every process keeps them level.
     jax.config.update("jax_enable_compilation_cache", False)
     logging.info("persistent compilation cache off: a multi-process CPU run compiles on every process")
-  if cpu_devices and jax.default_backend() == "cpu":
-    logging.info("data-parallel over %d CPU devices (one per core that every batch divides); XLA_FLAGS=%s",
-                 cpu_devices, os.environ.get("XLA_FLAGS", ""))

@@ -54,10 +54,16 @@ class TooFewImagesError(SatSynthError, ValueError):
 
 
 def make_extractor(model: nn.Module, mesh) -> Extractor:
-  """fid.extract_features of `model` jitted once: replicated weights, images sharded on the batch axis."""
-  return jax.jit(functools.partial(fid.extract_features, model.apply),
-                 in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-                 out_shardings=parallel.batch_sharding(mesh))
+  """fid.extract_features of `model` jitted once (and shared by every set an experiment scores): replicated
+  weights, images sharded on the batch axis."""
+  return parallel.shared_jit(functools.partial(_features, model=model),
+                             in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+                             out_shardings=parallel.batch_sharding(mesh))
+
+
+def _features(variables, images, *, model: nn.Module):
+  # Over the module, not its bound `apply`: bound methods compare by identity, modules by their fields.
+  return fid.extract_features(model.apply, variables, images)
 
 
 def accumulate_features(config, extract: Extractor, variables, record_dir: str, mesh) -> fid.FeatureAccumulator:

@@ -8,9 +8,7 @@ an optional `preview(state, step)` (e.g. a PNG grid of EMA samples) and an optio
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import math
 import os
 import signal
@@ -18,7 +16,6 @@ import threading
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -122,12 +119,12 @@ def compile_step(task: Task, mesh: jax.sharding.Mesh):
   """The task's step jitted over `mesh`: state replicated and donated, batch split on the data axis.
 
   The loop and the benchmarks both time this one program. Tasks with equal steps (an experiment's
-  seeds and arms) get the same jitted function (`shared_jit`), so later runs skip tracing and
+  seeds and arms) get the same jitted function (`parallel.shared_jit`), so later runs skip tracing and
   compiling it again.
   """
   replicated, batched = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  return shared_jit(task.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
-                    donate_argnums=0)
+  return parallel.shared_jit(task.step, in_shardings=(replicated, batched), out_shardings=(replicated, replicated),
+                             donate_argnums=0)
 
 
 # The init program runs once, yet XLA:CPU spent as long compiling it (~8 s for the demo's G or FPN:
@@ -139,51 +136,8 @@ INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 def init_state(task: Task, mesh: jax.sharding.Mesh, seed: int) -> TrainState:
   """A fresh state, born replicated on `mesh`."""
   options = INIT_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return shared_jit(task.init, out_shardings=parallel.replicated(mesh), compiler_options=options)(
+  return parallel.shared_jit(task.init, out_shardings=parallel.replicated(mesh), compiler_options=options)(
       jax.random.key(seed))
-
-
-_SHARED_JITS: collections.OrderedDict = collections.OrderedDict()
-_MAX_SHARED_JITS = 8  # an experiment's distinct steps and inits; each holds its compiled programs
-_UNHASHABLE = object()
-
-
-def shared_jit(fn: Callable, **options):
-  """`jax.jit(fn, **options)`, one object for every (fn, options) equal by value (`_by_value`).
-
-  jax caches a jitted function's traces and executables on that function object, while each run
-  builds its step afresh (a new functools.partial over an equal model and settings); sharing the
-  object turns a later run's tracing, lowering and compile-cache lookup into a cache hit.
-  """
-  key = _by_value((fn, tuple(sorted(options.items()))))
-  if key is _UNHASHABLE:  # e.g. a task closing over weight arrays: jit it afresh
-    return jax.jit(fn, **options)
-  if key not in _SHARED_JITS:
-    _SHARED_JITS[key] = jax.jit(fn, **options)
-    while len(_SHARED_JITS) > _MAX_SHARED_JITS:
-      _SHARED_JITS.popitem(last=False)
-  _SHARED_JITS.move_to_end(key)
-  return _SHARED_JITS[key]
-
-
-def _by_value(obj):
-  """A hashable stand-in for `obj` equal for equal values: partials by function and arguments,
-  ConfigDicts by content, sequences item by item, other objects by their own hash and ==
-  (flax modules compare by fields, functions by identity); _UNHASHABLE when a part has no hash."""
-  if isinstance(obj, functools.partial):
-    obj = ("partial", obj.func, obj.args, tuple(sorted(obj.keywords.items())))
-  if isinstance(obj, dict):
-    obj = ("dict", tuple(sorted(obj.items())))
-  if isinstance(obj, ml_collections.ConfigDict):
-    obj = ("config", obj.to_json_best_effort(sort_keys=True))
-  if isinstance(obj, (tuple, list)):
-    parts = tuple(_by_value(part) for part in obj)
-    return _UNHASHABLE if any(part is _UNHASHABLE for part in parts) else (type(obj).__name__, parts)
-  try:
-    hash(obj)
-  except TypeError:
-    return _UNHASHABLE
-  return obj
 
 
 def abstract_state(task: Task, mesh: jax.sharding.Mesh, seed: int):

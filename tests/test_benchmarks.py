@@ -5,6 +5,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+from benchmarks import common
 from conftest import TINY_G
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +87,11 @@ ENTRY %main (a: f32[16,32,32,64], w: f32[3,3,64,64]) -> f32[16,32,32,64] {
   assert kinds["ynn_fusion.1"] == "conv backward-filter"
   assert kinds["ynn_fusion.2"] == "conv backward-input"
   assert kinds["ynn_fusion.3"] == "conv forward"
+
+
+def test_worker_runner_returns_the_result_line_or_names_the_failure():
+  talk = "print('noise'); print('RESULT {\"ms\": 1.5}')"
+  assert common.run_worker([sys.executable, "-c", talk], dict(os.environ), "ok") == {"ms": 1.5}
+  with pytest.raises(RuntimeError, match=r"worker failed \(2 devices, rc 3\): .*boom"):
+    common.run_worker([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
+                      dict(os.environ), "2 devices")

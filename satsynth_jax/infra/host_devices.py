@@ -5,10 +5,10 @@ Convolutions: from jaxlib 0.10 XLA:CPU hands convolutions to YNNPACK, whose filt
 (benchmarks/RESULTS.md, "XLA:CPU flags"). CONV_FLAG keeps YNNPACK for dots and elementwise work only.
 
 Devices: with XLA's own convolutions one CPU device keeps every core busy through its thread pool,
-and splitting a host into one device per core is slower (2 cores, the demo's steps: G 160 against
-185 ms, the segmenter 26 against 36 ms; RESULTS.md, "one CPU device"). So the CLI leaves JAX's
-default of one CPU device; a device count in XLA_FLAGS (--xla_force_host_platform_device_count,
-as the tests set) is the user's to choose and is kept.
+and splitting a host into one device per core is slower (2 cores, the demo's steps fed by their
+pipelines: two devices take G 1.17x and the segmenter 1.56x as long; benchmarks/host_devices.py,
+RESULTS.md "one CPU device"). So the CLI leaves JAX's default of one CPU device; a device count
+in XLA_FLAGS (--xla_force_host_platform_device_count, as the tests set) is the user's and is kept.
 
 The flag only shapes the CPU platform, so it is harmless where an accelerator is the backend; a
 setting already in XLA_FLAGS is kept.

@@ -85,15 +85,14 @@ def main(argv):
       config_check.validate_devices(config, jax.device_count())
     except SatSynthError as e:
       cli.fail(str(e))
+    logging.info("%d %s device(s) on this process; XLA_FLAGS=%s", jax.local_device_count(), jax.default_backend(),
+                 os.environ.get("XLA_FLAGS", ""))
     primary, processes = jax.process_index() == 0, jax.process_count()
   if _ALLOW_FALLBACK.value:
     from satsynth_jax.infra import checkpoint  # noqa: PLC0415  (imports orbax: kept off prepare's path)
     checkpoint.configure(allow_fallback=True)
   module_name, fn_name = MODES[_MODE.value].split(":")
   job = getattr(importlib.import_module(module_name), fn_name)
-  if _MODE.value not in SINGLE_PROCESS:
-    logging.info("%d %s device(s) on this process; XLA_FLAGS=%s", jax.local_device_count(), jax.default_backend(),
-                 os.environ.get("XLA_FLAGS", ""))
   logging.info("mode=%s workdir=%s", _MODE.value, workdir)
   with cli.one_line_errors(), cli.job_lock(workdir, LOCKED_KINDS[_MODE.value], _MODE.value, primary, processes):
     job(config, workdir)

@@ -216,14 +216,19 @@ class _AbandonedReads(logging_std.Filter):
     if not self.is_echo(error, tb):
       self._excepthook(kind, error, tb)
 
-  def watch(self, step_dir: str) -> None:
-    if not self.paths:
+  def install(self) -> None:
+    """Hooks in place before a read starts: a failing read's sibling reads can echo before it raises."""
+    if self not in logging_std.getLogger("asyncio").filters:
       logging_std.getLogger("asyncio").addFilter(self)
     # (re)install: a test runner or absl may have replaced them since
     if sys.unraisablehook != self.unraisable:
       self._unraisable, sys.unraisablehook = sys.unraisablehook, self.unraisable
     if sys.excepthook != self.excepthook:
       self._excepthook, sys.excepthook = sys.excepthook, self.excepthook
+
+  def watch(self, step_dir: str) -> None:
+    """Also drop errors naming `step_dir`, a step whose read failed."""
+    self.install()
     self.paths.add(step_dir)
 
 
@@ -277,6 +282,7 @@ def _read(mngr: ocp.CheckpointManager, step: int, items: dict, item: str):
   """mngr.restore(step) with `item` verified; read errors and failed checks become _Damaged, arrays of
   other shapes than `item`'s target CheckpointSettingsError."""
   _check_layout(os.path.join(os.fspath(mngr.directory), str(step), item), items[item].item)
+  _abandoned.install()
   try:
     restored = mngr.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001  (tensorstore raises bare Exception/ValueError; json, KeyError...)

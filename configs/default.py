@@ -192,6 +192,13 @@ def get_config(arg=None):
   u.min_fidelity = 0.5  # drop pairs where the scorer agrees with less than this fraction of labelled pixels
   u.selection = "hard_rare"  # hard_rare (weighted to hard and rare classes of the train split) | uniform
 
+  # ---- --mode=evaluate_samples: FID, sFID, IS and label fidelity of a synthetic set ----
+  c.sample_quality = q = ml_collections.ConfigDict()
+  # The network whose features and predictions score a set: metric_encoder (the paper's ResNet U-Net,
+  # trained by --mode=train_metric_encoder) | real_only (the experiment's R=0 segmenter of seed `seed`,
+  # as curation.scorer: nothing more to train). Compare scores only under the same encoder id.
+  q.encoder = "metric_encoder"
+
   # ---- --mode=export: a set as PNG folders (images/, masks/, previews/, classes.json) ----
   c.export = x = ml_collections.ConfigDict()
   x.set = ""  # train | val | a set under <workdir>/synthetic/ | "": the set this config samples
@@ -235,6 +242,9 @@ def _cpu(c) -> None:
   # pairs' class presence); curation stays a mode and an arm to add (experiment.arms).
   c.experiment.arms = ("raw", "conditioned")
   c.experiment.presence = "real"
+  # The sets are scored by D's first segmenter rather than a metric encoder of their own: one network
+  # less to train (a minute of the demo) and to compile, and the judge is the one a user deploys.
+  c.sample_quality.encoder = "real_only"
   r = c.sr
   r.image_size = 64
   r.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,))

@@ -248,6 +248,7 @@ def validate(config, mode: str | None = None) -> None:
   if mode in ("train_segmentation", "evaluate") and d.synthetic_ratio > 0:
     _require(d.synthetic_fraction > 0, "data.synthetic_fraction", d.synthetic_fraction,
              f"must be > 0 when data.synthetic_ratio={d.synthetic_ratio} mixes synthetic pairs in")
+  _one_of("sample_quality.encoder", config.sample_quality.encoder, tuple(resolved.REAL_DATA_JUDGES))
   _curation(config, mode)
 
 
@@ -257,7 +258,7 @@ def _curation(config, mode: str | None = None) -> None:
   u, d, s = config.curation, config.data, config.sample
   _require(isinstance(u.enabled, bool), "curation.enabled", u.enabled, "must be True or False")
   _in_range("curation.pool_factor", u.pool_factor, 1)
-  _one_of("curation.scorer", u.scorer, tuple(resolved.CURATION_SCORERS))
+  _one_of("curation.scorer", u.scorer, tuple(resolved.REAL_DATA_JUDGES))
   _in_range("curation.pixel_tolerance", u.pixel_tolerance, 0.0, integer=False)
   _in_range("curation.min_fidelity", u.min_fidelity, 0.0, 1.0, integer=False)
   _one_of("curation.selection", u.selection, curation.SELECTIONS)

@@ -142,14 +142,21 @@ class SegmenterRun:
     return cls(METRIC_ENCODER, "unet", 0, config.seed)
 
 
-# curation.scorer: the segmenter trained on real data only that scores a pool.
-CURATION_SCORERS = {"real_only": lambda config: SegmenterRun.arm(config, 0, config.seed, None),
+# The segmenters trained on real data only that judge synthetic pairs: curation.scorer scores a pool,
+# sample_quality.encoder gives FID/sFID/IS features and label fidelity. real_only: the experiment's R=0 run
+# of seed `seed` (nothing more to train); metric_encoder: the paper's own ResNet U-Net.
+REAL_DATA_JUDGES = {"real_only": lambda config: SegmenterRun.arm(config, 0, config.seed, None),
                     "metric_encoder": SegmenterRun.metric_encoder}
 
 
 def curation_scorer(config) -> SegmenterRun:
   """The run curation.scorer names: the experiment's R=0 run of seed `seed`, or the metric encoder."""
-  return CURATION_SCORERS[config.curation.scorer](config)
+  return REAL_DATA_JUDGES[config.curation.scorer](config)
+
+
+def sample_encoder(config) -> SegmenterRun:
+  """The run sample_quality.encoder names: the metric encoder (the paper's), or the R=0 run of seed `seed`."""
+  return REAL_DATA_JUDGES[config.sample_quality.encoder](config)
 
 
 # ---- the experiment's arms ----

@@ -58,6 +58,13 @@ def init_variables(model: nn.Module, size: int, rng: jax.Array) -> dict:
   return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
 
 
+@functools.lru_cache(maxsize=8)
+def abstract_variables(model: nn.Module, size: int) -> dict:
+  """Shapes and dtypes of init_variables (traced once per model and size: an experiment restores the same
+  segmenter for each of its many evaluations)."""
+  return jax.eval_shape(functools.partial(init_variables, model, size), jax.random.key(0))
+
+
 def restore(config, workdir, run: resolved.SegmenterRun, mesh,
             step: int | None = None) -> tuple[nn.Module, dict, int]:
   """(model, {"params", "batch_stats"} replicated on `mesh`, checkpoint step) of `run`; latest if step None.
@@ -67,8 +74,7 @@ def restore(config, workdir, run: resolved.SegmenterRun, mesh,
   """
   check_trained_with(config, workdir, run)
   model = build(config, run.architecture)
-  abstract = jax.eval_shape(functools.partial(init_variables, model, resolved.segmenter_size(config)),
-                            jax.random.key(0))
+  abstract = abstract_variables(model, resolved.segmenter_size(config))
   mode = "train_metric_encoder" if run.name == resolved.METRIC_ENCODER else "train_segmentation"
   variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run.name), abstract, mesh, step,
                                                  hint=f"run --mode={mode} first")

@@ -22,7 +22,9 @@ ARMS = {"D": ("unet_r0_s0", "unet_r0_s1"),  # the demo generator predicts x0
         "D u D' (`diffusion_x0`)": ("unet_r1_diffusion_x0_s0", "unet_r1_diffusion_x0_s1"),
         "D u D'_curated (`diffusion_x0_curated`)": ("unet_r1_diffusion_x0_curated_s0", "unet_r1_diffusion_x0_curated_s1")}
 RUNS = tuple(run for runs in ARMS.values() for run in runs)
-STAGES = 5 + 2 + 2 * len(RUNS)  # prepare .. evaluate_samples, curate + its scores, train + evaluate per run
+# prepare, G, sample D', its evaluate_samples, curate + its scores, train + evaluate per run: the cpu
+# preset scores sets with D's first run (sample_quality.encoder=real_only), so no metric encoder trains.
+STAGES = 4 + 2 + 2 * len(RUNS)
 
 
 def tables(summary: str) -> dict[str, tuple[list[str], dict[str, list[str]]]]:
@@ -54,6 +56,10 @@ def test_experiment_runs_every_stage_and_writes_the_table_from_the_eval_jsons(fi
   workdir, out = finished
   stages = [line for line in out.splitlines() if line.startswith("[experiment ") and line.endswith(": running")]
   assert len(stages) == STAGES, out
+  names = [line.split("] ", 1)[1].removesuffix(": running") for line in stages]
+  # The set is scored once its encoder, D's first run, has trained and been evaluated.
+  assert names.index("evaluate_samples D'") > names.index("evaluate unet_r0_s1") > names.index("sample D'")
+  assert "train_metric_encoder" not in names
   summary = (workdir / "report" / "summary.md").read_text()
   by_split = tables(summary)
   assert list(by_split) == ["test", "val"]  # the claim's split first, each under a heading naming it
@@ -88,7 +94,7 @@ def test_experiment_runs_every_stage_and_writes_the_table_from_the_eval_jsons(fi
   assert curated["num_examples"] == json.loads((workdir / "data" / "train" / "manifest.json").read_text())["num_examples"]
   assert curated["pool_size"] == 2 * curated["num_examples"]
   assert "mIoU w/o bg" not in summary  # the demo has no background class
-  assert "| `diffusion_x0` |" in summary and "| `diffusion_x0_curated` |" in summary and "metric_encoder@4:" in summary
+  assert "| `diffusion_x0` |" in summary and "| `diffusion_x0_curated` |" in summary and "`unet_r0_s0@4:" in summary
   assert "Other segmenter runs" not in summary
   assert "## Convergence" in summary and "Every arm trains for the same 4 steps" in summary
   # D's mean val curve, and its change over the last fifth (steps 3-4), from the logs
@@ -156,8 +162,27 @@ def test_the_cascade_experiment_trains_g_sr_before_sampling_and_sizes_the_segmen
   config.segmentation.image_size = 64
   config_check.validate(config, mode="experiment")
   names = [stage.name for stage in experiment.stages(config, tmp_path)]
-  assert names[:5] == ["prepare", "train_diffusion", "train_sr", "train_metric_encoder", "sample D'"]
+  assert names[:3] == ["prepare", "train_diffusion", "train_sr"] and names.index("sample D'") == 3
   assert "train_segmentation fpn_r2_diffusion_x0_cascade_s0" in names
+
+
+@pytest.mark.parametrize("encoder, scorer", [("metric_encoder", "real_only"), ("real_only", "metric_encoder"),
+                                             ("real_only", "real_only")])
+def test_the_metric_encoder_trains_only_for_a_judge_that_is_it_and_sets_are_scored_after_their_encoder(
+    tmp_path, encoder, scorer):
+  from satsynth_jax.jobs import experiment
+  config = load_config("demo", **{"sample_quality.encoder": encoder, "curation.scorer": scorer,
+                                  "experiment.arms": ("raw", "curated")})
+  names = [stage.name for stage in experiment.stages(config, tmp_path)]
+  scores = [names.index("evaluate_samples D'")]
+  assert ("train_metric_encoder" in names) == ("metric_encoder" in (encoder, scorer))
+  if encoder == "metric_encoder":  # scored as soon as sampled, before any segmenter trains
+    assert names.index("train_metric_encoder") < names.index("sample D'")
+    assert max(scores) < names.index("train_segmentation fpn_r0_s0")
+  else:  # scored by D's first run: after D's runs, before the synthetic arms train
+    assert min(scores) > names.index(f"evaluate fpn_r0_s{config.experiment.seeds - 1}")
+    assert max(scores) < min(i for i, name in enumerate(names) if name.startswith("train_segmentation fpn_r2"))
+  assert names.index("evaluate_samples D'_curated") > names.index("curate D'")
 
 
 def test_with_data_synthetic_dir_every_stage_samples_curates_scores_and_trains_on_that_one_folder(tmp_path,
@@ -184,7 +209,7 @@ def test_with_data_synthetic_dir_every_stage_samples_curates_scores_and_trains_o
       stage.run()
   curated = str(resolved.curated_dir(config, tmp_path))
   assert curated == str(tmp_path / "synthetic" / "my_set_curated")
-  assert seen == [("sample", folder), ("score", folder), ("unet_r0_s0", None), ("unet_r0_s1", None),
+  assert seen == [("sample", folder), ("unet_r0_s0", None), ("unet_r0_s1", None), ("score", folder),
                   ("curate", folder), ("score", curated),
                   ("unet_r1_my_set_s0", folder), ("unet_r1_my_set_s1", folder),
                   ("unet_r1_my_set_curated_s0", curated), ("unet_r1_my_set_curated_s1", curated)]

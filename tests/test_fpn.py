@@ -133,8 +133,10 @@ def test_bfloat16_compute_is_close_to_float32(segmenter, images):
   assert jnp.mean(jnp.argmax(bf16, -1) == jnp.argmax(f32, -1)) > 0.9
 
 
-def test_unet_encoder_features_for_fid(tiny_segmenters, images):
-  model, variables = tiny_segmenters["unet"]
+@pytest.mark.parametrize("architecture", ["unet", "fpn"])
+def test_encoder_features_for_fid(tiny_segmenters, images, architecture):
+  """Either segmenter can be the metric encoder: both give its backbone's pooled C5 and C3 channels."""
+  model, variables = tiny_segmenters[architecture]
   logits, features = _apply(model, variables, images, train=False, return_features=True)
   np.testing.assert_array_equal(logits, _apply(model, variables, images, train=False))
   backbone_variables = {c: variables[c]["backbone"] for c in ("params", "batch_stats")}

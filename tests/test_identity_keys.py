@@ -24,7 +24,8 @@ from satsynth_jax.jobs import prepare, sample
 # Sections no model's training reads; G_SR's and the segmenter's sections below are per identity.
 NOT_TRAINING = {"preset": "only picks defaults; the values it sets are swept themselves",
                 "sample.": "sampling (the sample plan's sweep)", "curation.": "curation (curate.py's identity)",
-                "experiment.": "which stages run", "export.": "an export's folder"}
+                "experiment.": "which stages run", "export.": "an export's folder",
+                "sample_quality.": "scoring a set (its JSON names the encoder's run and weights)"}
 NOT_LEARNED = {"data.class_names": "names, also recorded in the prepared settings",
                "data.palette": "preview colours (and rgb masks' codes, recorded in the prepared settings)",
                "data.background_index": "which class the 'w/o background' scores leave out",
@@ -58,7 +59,7 @@ PLAN_FREE = {"preset": NOT_TRAINING["preset"],
              "diffusion.": "G's recorded config (generator_settings; G's own sweep)",
              "sr.": "G_SR's recorded config (super_resolution_settings)",
              "segmentation.": "the segmenter's", "experiment.": NOT_TRAINING["experiment."],
-             "export.": NOT_TRAINING["export."],
+             "export.": NOT_TRAINING["export."], "sample_quality.": NOT_TRAINING["sample_quality."],
              "curation.min_fidelity": "curate.py's", "curation.pixel_tolerance": "curate.py's",
              "curation.scorer": "curate.py's", "curation.selection": "curate.py's",
              "sample.batch_size": "batching: the same distribution of pairs",

@@ -127,9 +127,8 @@ def test_evaluate_samples_on_two_processes_matches_one_process(checkpointed, tmp
   prepared, logs = checkpointed
   workdir = tmp_path / "w"
   shutil.copytree(prepared, workdir)
-  # The metric encoder is a U-Net like RUN: reuse its checkpoint; score the val split as the
-  # "synthetic" set, a labelled record folder like a sampled one.
-  shutil.copytree(workdir / "checkpoints" / RUN, workdir / "checkpoints" / resolved.METRIC_ENCODER)
+  # The cpu preset's encoder is the R=0 run of seed 0 (sample_quality.encoder=real_only): RUN. Score the
+  # val split as the "synthetic" set, a labelled record folder like a sampled one.
   scored = {**TINY, "data.synthetic_dir": str(workdir / "data" / "val")}
   mp_launch.launch_ok(workdir, "evaluate_samples", scored, logs)
   path = workdir / "metrics" / f"{sample_quality.output_name('val')}.json"
@@ -137,7 +136,7 @@ def test_evaluate_samples_on_two_processes_matches_one_process(checkpointed, tmp
   one = sample_quality.run_for(_config(**{"data.synthetic_dir": scored["data.synthetic_dir"]}), str(workdir),
                                scored["data.synthetic_dir"], "val")
   assert two["num_real"] == one["num_real"] == 8 and two["num_synthetic"] == one["num_synthetic"] == 8
-  assert two["metric_encoder"] == one["metric_encoder"]
+  assert two["metric_encoder"] == one["metric_encoder"] and two["metric_encoder"].startswith(f"{RUN}@4:")
   for key in ("fid", "sfid", "label_fidelity_miou"):
     assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
   assert two["is"]["mean"] == pytest.approx(one["is"]["mean"], rel=1e-4)

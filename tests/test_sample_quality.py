@@ -22,6 +22,8 @@ from satsynth_jax.jobs import sample_quality, train_metric_encoder
 from test_train_segmentation import NUM_TRAIN, SIZE, assert_loss_finite_and_falling
 
 ENCODER_ID = re.compile(r"metric_encoder@30:[0-9a-f]{12}")
+# The paper's encoder (the cpu preset scores with D's first run instead: the last test here).
+PAPER_ENCODER = {"sample_quality.encoder": "metric_encoder"}
 DEFAULT_SET = "diffusion_x0"  # the set the demo config's generator (x0 prediction) samples
 
 
@@ -83,14 +85,15 @@ def gram_frechet(x: np.ndarray, y: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def encoder(segmenter_cli, tmp_path_factory):
   """The tiny demo prepared and its metric encoder trained with --mode=train_metric_encoder (30 steps)."""
-  config, workdir = prepared_demo(tmp_path_factory, "quality", TINY_SEGMENTER_RUN)
+  config, workdir = prepared_demo(tmp_path_factory, "quality", {**TINY_SEGMENTER_RUN, **PAPER_ENCODER})
   segmenter_cli("train_metric_encoder", workdir)
   return config, workdir
 
 
 def evaluate_samples(segmenter_cli, workdir, synthetic_dir=None) -> tuple[dict, str]:
   """(metrics/sample_quality_<set>.json, stdout) of --mode=evaluate_samples on data.synthetic_dir (default: unset)."""
-  stdout = segmenter_cli("evaluate_samples", workdir, {"data.synthetic_dir": synthetic_dir} if synthetic_dir else None)
+  stdout = segmenter_cli("evaluate_samples", workdir,
+                         {**PAPER_ENCODER, **({"data.synthetic_dir": synthetic_dir} if synthetic_dir else {})})
   name = os.path.basename(synthetic_dir) if synthetic_dir else DEFAULT_SET
   return strict_json(os.path.join(workdir, "metrics", f"sample_quality_{name}.json")), stdout
 
@@ -232,3 +235,26 @@ def test_every_set_is_scored_by_one_feature_program():
   one = sample_quality.make_extractor(segmenter.build(config, "unet"), mesh)
   assert sample_quality.make_extractor(segmenter.build(config, "unet"), mesh) is one
   assert sample_quality.make_extractor(segmenter.build(config, "fpn"), mesh) is not one
+
+
+def test_with_the_real_only_encoder_sets_are_scored_by_d_first_run_and_named_by_it(encoder, real_as_synthetic,
+                                                                                   tmp_path):
+  """sample_quality.encoder=real_only (the cpu preset): the R=0 run of seed `seed` scores the set, its JSON
+  names that run, and a score made under the other encoder does not count as done."""
+  from conftest import load_config
+  config, done = encoder
+  workdir = tmp_path / "w"
+  shutil.copytree(done, workdir)
+  # The metric encoder's weights as the R=0 run of seed 0 (both are U-Nets trained on the real train split).
+  shutil.copytree(workdir / "checkpoints" / resolved.METRIC_ENCODER, workdir / "checkpoints" / "unet_r0_s0")
+  real_only = load_config("demo", **TINY_SEGMENTER_RUN)
+  assert resolved.sample_encoder(real_only).name == "unet_r0_s0"
+  synthetic = str(layout.synthetic_dir(workdir, DEFAULT_SET))
+  assert sample_quality.is_complete(config, workdir, synthetic, DEFAULT_SET)
+  assert not sample_quality.is_complete(real_only, workdir, synthetic, DEFAULT_SET)
+  scores = sample_quality.run_for(real_only, str(workdir), synthetic, DEFAULT_SET)
+  assert scores["metric_encoder"] == real_as_synthetic["metric_encoder"].replace("metric_encoder@", "unet_r0_s0@")
+  for key in ("fid", "sfid", "label_fidelity_miou"):  # the same weights: the same scores
+    assert scores[key] == pytest.approx(real_as_synthetic[key], abs=1e-6), key
+  assert sample_quality.is_complete(real_only, workdir, synthetic, DEFAULT_SET)
+  assert not sample_quality.is_complete(config, workdir, synthetic, DEFAULT_SET)

@@ -232,13 +232,14 @@ def summary_markdown(config, evals: Mapping[str, tuple[int, Sequence[dict | None
     lines += ["", "## Convergence", "", convergence]
   if quality:
     lines += ["", "## Synthetic sets", "",
-              "Features of the metric encoder, a U-Net segmenter trained on the real train split (compare FID, "
-              "sFID and IS only under the same encoder id); class TV: total variation between the set's and "
+              "Features and predictions of the encoder (last column: its run, step and weights), a segmenter "
+              "trained on the real train split only (sample_quality.encoder; compare FID, sFID, IS and label "
+              "fidelity only under the same encoder id); class TV: total variation between the set's and "
               "the real train split's class pixel shares (0: the same shares); under half: classes the set draws "
               "at less than half their real share; presence accuracy: the fraction of pairs asked for a class "
               "whose mask holds it (conditioned sets).", "",
               "| synthetic set | FID | sFID | IS | label fidelity mIoU (%) | class TV | under half | presence accuracy | "
-              "metric encoder |", "|---|---|---|---|---|---|---|---|---|"]
+              "encoder |", "|---|---|---|---|---|---|---|---|---|"]
     for label, q in quality.items():
       accuracy = q.get("presence_accuracy") or {}
       shown = ", ".join(f"{name} {100 * v:.0f}%" for name, v in accuracy.items() if v is not None) or "-"

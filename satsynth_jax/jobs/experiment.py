@@ -1,11 +1,12 @@
 """`--mode=experiment`: the paper's experiment as one resumable command; it only orders the jobs.
 
-prepare -> train_diffusion -> [train_sr, with sample.super_resolve] -> train_metric_encoder ->
-sample + evaluate_samples (FID, sFID, IS, label fidelity) of each set the arms need -> [image-only
-baseline: train, sample, evaluate_samples, when experiment.image_only_baseline] -> D's runs
-(R=0) -> curate (+ evaluate_samples) -> the other arms' runs; each run of each of experiment.seeds
-seeds: train_segmentation, evaluate -> report/summary.md. Which sets and runs the arms use is
-resolved.py's (experiment_set, SegmenterRun).
+prepare -> train_diffusion -> [train_sr, with sample.super_resolve] -> [train_metric_encoder, when
+sample_quality.encoder or curation.scorer is the metric encoder] -> sample + evaluate_samples (FID,
+sFID, IS, label fidelity) of each set the arms need -> [image-only baseline: train, sample,
+evaluate_samples, when experiment.image_only_baseline] -> D's runs (R=0) -> [the sets' evaluate_samples
+here instead, when their encoder is D's first run (real_only)] -> curate (+ evaluate_samples) -> the
+other arms' runs; each run of each of experiment.seeds seeds: train_segmentation, evaluate ->
+report/summary.md. Which sets and runs the arms use is resolved.py's (experiment_set, SegmenterRun).
 
 Each stage asks its job whether its output is complete *and was made with this config's
 settings* (the job's `is_complete`, infra/identity.py): re-running after an interruption skips
@@ -99,7 +100,8 @@ def _train_stages(config, workdir, label: str = "") -> list[Stage]:
 
 def _score_stage(config, workdir, name: str, directory, label: str) -> Stage:
   """evaluate_samples of the set `name` in `directory`."""
-  return Stage(f"evaluate_samples {label}", functools.partial(sample_quality.is_complete, workdir, directory, name),
+  return Stage(f"evaluate_samples {label}",
+               functools.partial(sample_quality.is_complete, config, workdir, directory, name),
                functools.partial(sample_quality.run_for, config, workdir, directory, name))
 
 
@@ -118,27 +120,41 @@ def _curate_stages(config, workdir, label: str) -> list[Stage]:
 
 
 def stages(config, workdir) -> list[Stage]:
-  """The chain in order: prepare, G, the metric encoder, each set the arms need, D's runs (which also
-  score curation's pools), the curated sets, then the other arms' runs."""
+  """The chain in order: prepare, G, the metric encoder (when a judge is it), each set the arms need, D's
+  runs (which also score curation's pools, and the sets when sample_quality.encoder is real_only), the
+  curated sets, then the other arms' runs."""
   kinds = config.experiment.arms
   out = [Stage("prepare", functools.partial(prepare.is_complete, config, workdir),
                functools.partial(_prepare_once, config, workdir))]
   out += _train_stages(config, workdir)
-  out.append(_stage("train_metric_encoder", train_metric_encoder.is_complete, train_metric_encoder.run, config,
-                    workdir))
+  judges = {resolved.sample_encoder(config).name, resolved.curation_scorer(config).name}
+  if resolved.METRIC_ENCODER in judges:
+    out.append(_stage("train_metric_encoder", train_metric_encoder.is_complete, train_metric_encoder.run, config,
+                      workdir))
+  scored_after_d = resolved.sample_encoder(config).name != resolved.METRIC_ENCODER
+  deferred = []  # the sets' evaluate_samples, when D's first run is their encoder
+
+  def set_stages(set_config, label):
+    sampling, scoring = _set_stages(set_config, workdir, label)
+    if scored_after_d:
+      deferred.append(scoring)
+      return [sampling]
+    return [sampling, scoring]
+
   unconditional = resolved.experiment_set(config, conditioned=False)
   conditioned = resolved.experiment_set(config, conditioned=True)
   if {"raw", "curated"} & set(kinds):
-    out += _set_stages(unconditional, workdir, "D'")
+    out += set_stages(unconditional, "D'")
   if {"conditioned", "conditioned_curated"} & set(kinds):
-    out += _set_stages(conditioned, workdir, "D'_conditioned")
+    out += set_stages(conditioned, "D'_conditioned")
   if config.experiment.image_only_baseline:
     image_only = resolved.experiment_set(config, conditioned=False)
     with image_only.unlocked():
       image_only.diffusion.joint_labels = False
-    out += _train_stages(image_only, workdir, "image_only") + _set_stages(image_only, workdir, "image_only")
+    out += _train_stages(image_only, workdir, "image_only") + set_stages(image_only, "image_only")
   real_arm, *synthetic_arms = arms(config, workdir)
   out += _arm_stages(config, workdir, real_arm)  # first: the real-only run also scores curation's pools
+  out += deferred
   if "curated" in kinds:
     out += _curate_stages(unconditional, workdir, "D'")
   if "conditioned_curated" in kinds:

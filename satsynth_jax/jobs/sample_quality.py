@@ -1,8 +1,9 @@
 """`--mode=evaluate_samples`: sample quality as the paper scores it, plus label fidelity.
 
-The metric encoder is the paper's ResNet-50 U-Net segmenter (models/unet_seg.py) trained on
-the real train split only (`--mode=train_metric_encoder`, jobs/train_metric_encoder.py), in its
-own run `checkpoints/metric_encoder/`. Its features replace Inception (metrics/fid.py):
+The encoder (sample_quality.encoder) is a segmenter trained on the real train split only: the
+paper's ResNet-50 U-Net (models/unet_seg.py, `--mode=train_metric_encoder`, its own run
+`checkpoints/metric_encoder/`), or the experiment's R=0 segmenter of seed `seed` (`real_only`).
+Its backbone features replace Inception (metrics/fid.py):
 
   FID, sFID  synthetic images against the real *train* split, the distribution the generator
              was trained to reproduce (as DDPM papers score against their training set).
@@ -21,8 +22,8 @@ Every image is viewed as the segmenter sees it: at its input size (resolved.segm
 the eval pipeline (resized or centre-cropped as `data.resize` says), so 256 px super-resolved
 samples are scored at the same size as the real patches.
 
-Scores depend on the encoder's weights, so every JSON names them,
-"metric_encoder@<step>:<sha256 of the weights>": compare numbers only when that id matches.
+Scores depend on the encoder's weights, so every JSON names them, "<encoder run>@<step>:<sha256 of
+the weights>" (e.g. "metric_encoder@1000:..."): compare numbers only when that id matches.
 """
 
 from __future__ import annotations
@@ -147,16 +148,17 @@ def label_chart(config, statistics: dict, title: str):
   return viz.stack([chart, bars])
 
 
-def is_complete(workdir, synthetic_dir, name: str) -> bool:
-  """A sample-quality JSON exists for the finished set `synthetic_dir`, under the current metric encoder."""
+def is_complete(config, workdir, synthetic_dir, name: str) -> bool:
+  """A sample-quality JSON exists for the finished set `synthetic_dir`, under the encoder's current checkpoint."""
   path = layout.metrics_path(workdir, output_name(name))
   if not path.exists():
     return False
   with open(path, encoding="utf-8") as f:
     scores = json.load(f)
-  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, resolved.METRIC_ENCODER))
+  encoder = resolved.sample_encoder(config).name
+  encoder_step = checkpoint.latest_step(layout.checkpoint_dir(workdir, encoder))
   return (scores["num_synthetic"] == records.read_manifest(synthetic_dir)["num_examples"]
-          and scores["metric_encoder"].startswith(f"{resolved.METRIC_ENCODER}@{encoder_step}:")
+          and scores["metric_encoder"].startswith(f"{encoder}@{encoder_step}:")
           and "class_tv" in scores)
 
 
@@ -180,8 +182,9 @@ def run_for(config, workdir: str, synthetic_dir: str, name: str = "") -> dict:
   # The manifest counts each class's pixels: none means masks without labels (all no-data).
   has_labels = any(_scorable_manifest(synthetic_dir)["class_pixels"])
   mesh = parallel.make_mesh()
-  model, variables, step = segmenter.restore(config, workdir, resolved.SegmenterRun.metric_encoder(config), mesh)
-  encoder = checkpoint.weights_id(resolved.METRIC_ENCODER, variables, step)
+  run = resolved.sample_encoder(config)
+  model, variables, step = segmenter.restore(config, workdir, run, mesh)
+  encoder = checkpoint.weights_id(run.name, variables, step)
   extract = make_extractor(model, mesh)
 
   real, synthetic = (accumulate_features(config, extract, variables, record_dir, mesh)

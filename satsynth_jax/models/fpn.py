@@ -86,7 +86,8 @@ class FPNSegmenter(nn.Module):
 
   The backbone is the submodule "backbone": load ImageNet weights into
   `variables["params"]["backbone"]` / `variables["batch_stats"]["backbone"]` with
-  `resnet.load_pretrained`.
+  `resnet.load_pretrained`. With `return_features=True` it also returns the backbone's sample-metric
+  features (resnet.metric_features), so a real-only FPN can serve as the metric encoder.
   """
 
   num_classes: int
@@ -95,11 +96,12 @@ class FPNSegmenter(nn.Module):
   base_width: int = resnet.RESNET50_WIDTH  # scales the backbone, FPN (4x) and head (2x) widths
 
   @nn.compact
-  def __call__(self, images: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, images: jax.Array, train: bool, return_features: bool = False):
     features = resnet.ResNet(self.backbone_stages, self.dtype, self.base_width, name="backbone")(images, train)
     pyramid = FPN(channels=4 * self.base_width, dtype=self.dtype, name="fpn")(features)
     head = 2 * self.base_width
     logits = SemanticHead(self.num_classes, channels=head, groups=min(32, head // 4), dtype=self.dtype,
                           name="head")(pyramid)
     # Upsample in float32: the loss and argmax see the logits at full precision.
-    return resize_to(logits.astype(jnp.float32), images.shape[1:3], "bilinear")
+    logits = resize_to(logits.astype(jnp.float32), images.shape[1:3], "bilinear")
+    return (logits, resnet.metric_features(features)) if return_features else logits

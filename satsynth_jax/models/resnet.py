@@ -112,6 +112,20 @@ class ResNet(nn.Module):
 
 # ---- torchvision state-dict interop ----
 
+def metric_features(features: Mapping[str, jax.Array], spatial_level: str = "C3",
+                    spatial_channels: int = 7) -> dict[str, jax.Array]:
+  """The sample metrics' float32 features of a ResNet's outputs, as the paper's metric encoder gives them.
+
+  "pooled": C5 averaged over space [B, 2048] (FID); "spatial": the first `spatial_channels` channels of
+  `spatial_level`, flattened [B, h * w * spatial_channels] (sFID). sFID (Nash et al. 2021) takes the first
+  7 channels of an Inception map on a 17x17 grid; C3 (stride 8) gives a 16x16 grid at 128 px, the closest
+  analogue.
+  """
+  spatial = features[spatial_level][..., :spatial_channels].astype(jnp.float32)
+  return {"pooled": jnp.mean(features["C5"].astype(jnp.float32), axis=(1, 2)),
+          "spatial": spatial.reshape(spatial.shape[0], -1)}
+
+
 class PretrainedWeightsError(SatSynthError, ValueError):
   """A weights file that does not fit the backbone; the message names the file and key."""
 

@@ -44,11 +44,8 @@ class DecoderBlock(nn.Module):
 class UNetSegmenter(nn.Module):
   """ResNet encoder + U-Net decoder: images [B, H, W, 3] in [0, 1] -> float32 logits [B, H, W, K].
 
-  With `return_features=True` also returns float32 encoder features for the sample metrics:
-  "pooled": C5 averaged over space [B, 2048] (FID), and "spatial": the first
-  `spatial_channels` channels of `spatial_level` flattened [B, h * w * spatial_channels]
-  (sFID). sFID (Nash et al. 2021) takes the first 7 channels of an Inception map on a
-  17x17 grid; C3 (stride 8) gives a 16x16 grid at our 128 px, the closest analogue.
+  With `return_features=True` also returns the sample metrics' encoder features
+  (resnet.metric_features: "pooled" for FID, "spatial" for sFID).
   The encoder is the submodule "backbone" (see `resnet.load_pretrained`).
   """
 
@@ -72,9 +69,4 @@ class UNetSegmenter(nn.Module):
                      name="classifier")(x).astype(jnp.float32)
     if not return_features:
       return logits
-    spatial = features[self.spatial_level][..., :self.spatial_channels].astype(jnp.float32)
-    encoder_features = {
-        "pooled": jnp.mean(features["C5"].astype(jnp.float32), axis=(1, 2)),
-        "spatial": spatial.reshape(spatial.shape[0], -1),
-    }
-    return logits, encoder_features
+    return logits, resnet.metric_features(features, self.spatial_level, self.spatial_channels)

@@ -50,8 +50,7 @@ def load_backbone(config, model: nn.Module) -> Backbone | None:
     logging.warning("the segmenter's backbone trains from scratch: set segmentation.pretrained_path to a "
                     ".safetensors of torchvision ResNet-50 weights to start from ImageNet (README)")
     return None
-  abstract = jax.eval_shape(functools.partial(segmenter.init_variables, model, resolved.segmenter_size(config)),
-                            jax.random.key(0))
+  abstract = segmenter.abstract_variables(model, resolved.segmenter_size(config))
   try:
     return resnet.load_pretrained(abstract["params"]["backbone"], abstract["batch_stats"]["backbone"], path)
   except resnet.PretrainedWeightsError as e:

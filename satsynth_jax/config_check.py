@@ -134,6 +134,7 @@ def _unet(key: str, m, image_size: int, size_key: str) -> None:
   _ints(f"{key}.attn_resolutions", m.attn_resolutions, 1)
   _in_range(f"{key}.dropout", m.dropout, 0.0, 0.99, integer=False)
   _require(isinstance(m.scale_shift, bool), f"{key}.scale_shift", m.scale_shift, "must be True or False")
+  _one_of(f"{key}.edge_padding", m.edge_padding, tuple(unet.EDGE_PADDINGS))
   factor = 2 ** (len(m.ch_mult) - 1)
   _require(image_size % factor == 0, size_key, image_size,
            f"the U-Net halves it {len(m.ch_mult) - 1} times ({key}.ch_mult={tuple(m.ch_mult)}), "

@@ -241,12 +241,19 @@ def restore_sr(config, workdir, mesh, step: int | None = None):
                   size=lambda trained: trained.sr.image_size, conditional=True)
 
 
+@functools.lru_cache(maxsize=8)
+def abstract_params(model: UNet, size: int, channels: int, conditional: bool):
+  """Shapes and dtypes of init_params, traced once per model and size (each set an experiment samples
+  restores the same G)."""
+  return jax.eval_shape(functools.partial(init_params, model, size, channels, conditional=conditional),
+                        jax.random.key(0))
+
+
 def _restore(config, workdir, mesh, step, *, run: str, mode: str, build, size, conditional: bool):
   """Build run `run` from the config it was trained with and restore its EMA params (`mode` trains it)."""
   config = trained_config(config, workdir, run)
   model = build(config)
-  abstract = {"params": jax.eval_shape(functools.partial(
-      init_params, model, size(config), joint_channels(config), conditional=conditional), jax.random.key(0))}
+  abstract = {"params": abstract_params(model, size(config), joint_channels(config), conditional)}
   variables, step = checkpoint.restore_inference(layout.checkpoint_dir(workdir, run), abstract, mesh, step,
                                                  hint=_missing_hint(workdir, run, mode))
   return config, model, variables["params"], step

@@ -146,3 +146,19 @@ def test_encoder_features_for_fid(tiny_segmenters, images, architecture):
   c3 = np.asarray(encoder["C3"])  # [2, 8, 8, 512] at 64 px
   assert features["spatial"].shape == (2, 8 * 8 * 7)
   np.testing.assert_allclose(features["spatial"], c3[..., :7].reshape(2, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_restoring_equal_segmenters_traces_their_shapes_once(monkeypatch):
+  """An experiment restores the same segmenter for every evaluation and set score: its abstract variables
+  are traced once per (model, size), and another size is traced anew."""
+  from satsynth_jax import segmenter
+  traced = []
+  init = segmenter.init_variables
+  monkeypatch.setattr(segmenter, "init_variables", lambda *a, **k: traced.append(1) or init(*a, **k))
+  segmenter.abstract_variables.cache_clear()
+  model = lambda: fpn.FPNSegmenter(K, TINY)  # equal, not identical, modules
+  first = segmenter.abstract_variables(model(), 32)
+  assert segmenter.abstract_variables(model(), 32) is first and len(traced) == 1
+  assert first["params"]["backbone"]["conv1"]["kernel"].shape == (7, 7, 3, 64)
+  segmenter.abstract_variables(model(), 64)
+  assert len(traced) == 2

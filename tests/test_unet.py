@@ -109,7 +109,7 @@ def test_cifar10_parameter_count_matches_ddpm_reference():
 
 def test_paper_config_shapes_without_running_it():
   cfg = ml_collections.ConfigDict(dict(ch=128, ch_mult=(1, 1, 2, 3, 4), num_res_blocks=2,
-                                       attn_resolutions=(16,), dropout=0.0, scale_shift=False))
+                                       attn_resolutions=(16,), dropout=0.0, scale_shift=False, edge_padding="zeros"))
   model = unet_from_config(cfg, out_channels=7, dtype="bfloat16")
   x = jax.ShapeDtypeStruct((2, 128, 128, 7), jnp.float32)
   t = jax.ShapeDtypeStruct((2,), jnp.int32)
@@ -125,10 +125,11 @@ def test_paper_config_shapes_without_running_it():
 
 def test_unet_from_config_maps_fields_and_rejects_bad_dtype():
   cfg = ml_collections.ConfigDict(dict(ch=64, ch_mult=[1, 2], num_res_blocks=3, attn_resolutions=[8],
-                                       dropout=0.1, scale_shift=True))
+                                       dropout=0.1, scale_shift=True, edge_padding="reflect"))
   model = unet_from_config(cfg, out_channels=4, dtype=jnp.float32, self_condition=True, presence_classes=6)
   assert model == UNet(ch=64, ch_mult=(1, 2), num_res_blocks=3, attn_resolutions=(8,), dropout=0.1,
-                       out_channels=4, dtype=jnp.float32, self_condition=True, presence_classes=6, scale_shift=True)
+                       out_channels=4, dtype=jnp.float32, self_condition=True, presence_classes=6, scale_shift=True,
+                       edge_padding="reflect")
   with pytest.raises(ValueError, match="float16"):
     unet_from_config(cfg, out_channels=4, dtype="float16")
 
@@ -261,3 +262,23 @@ def test_bad_inputs_are_named():
   narrow = UNet(dropout=0.0, **{**TINY, "ch": 16})
   with pytest.raises(ValueError, match="multiple of 32"):
     narrow.init(jax.random.key(0), jnp.zeros((2, 16, 16, 3)), jnp.zeros((2,), jnp.int32))
+
+
+@pytest.mark.parametrize("edge_padding", ["zeros", "reflect"])
+def test_reflected_edges_see_a_uniform_image_as_uniform_where_zeros_make_a_border(edge_padding):
+  """The input convolution of a flat image: reflected edges give the same features everywhere, zero padding
+  gives the border pixels other values (what a briefly trained G drew as a frame). The parameters and the
+  output's shape do not depend on the padding."""
+  model = UNet(dropout=0.0, edge_padding=edge_padding, **TINY)
+  x, t = jnp.full((2, 16, 16, 5), 0.7), jnp.array([3, 40])
+  variables = _random_variables(model, x, t)
+  assert jax.tree.structure(variables) == jax.tree.structure(_random_variables(UNet(dropout=0.0, **TINY), x, t))
+  out, state = model.apply(variables, x, t, capture_intermediates=lambda mdl, _: mdl.name == "conv_in")
+  features = np.asarray(state["intermediates"]["conv_in"]["__call__"][0])
+  interior = features[:, 1:-1, 1:-1]
+  np.testing.assert_allclose(interior, np.broadcast_to(interior[:, :1, :1], interior.shape), atol=1e-6)
+  border_uniform = np.allclose(features, features[:, :1, :1], atol=1e-6)
+  assert border_uniform == (edge_padding == "reflect")
+  assert out.shape == (2, 16, 16, 5)
+  with pytest.raises(ValueError, match="edge_padding must be one of"):
+    UNet(dropout=0.0, edge_padding="wrap", **TINY).apply(variables, x, t)

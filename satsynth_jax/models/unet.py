@@ -51,8 +51,15 @@ def _group_norm(name: str, *, act: bool = False) -> layers.GroupNorm:
   return layers.GroupNorm(num_groups=NUM_GROUPS, epsilon=1e-6, act=act, name=name)
 
 
-def _conv(features: int, dtype: Any, name: str, *, strides: int = 1, zero: bool = False) -> nn.Conv:
-  return nn.Conv(features, (3, 3), strides=(strides, strides), padding="SAME", dtype=dtype,
+# How the first and last convolutions see beyond the image's edge: "zeros" (the reference's) or
+# "reflect". Zeros read as mid-grey outside every pair, and a briefly trained G draws that as a frame
+# two pixels inside each image; reflecting the edge removes it at the cost of two pads.
+EDGE_PADDINGS = {"zeros": "SAME", "reflect": "REFLECT"}
+
+
+def _conv(features: int, dtype: Any, name: str, *, strides: int = 1, zero: bool = False,
+          padding: str = "SAME") -> nn.Conv:
+  return nn.Conv(features, (3, 3), strides=(strides, strides), padding=padding, dtype=dtype,
                  kernel_init=_zero_init if zero else _default_init, name=name)
 
 
@@ -120,6 +127,7 @@ class UNet(nn.Module):
     self_condition: the input also takes `self_cond` (x's shape; zeros when not given).
     presence_classes: K > 0 adds a class-presence embedding for `presence` codes [B, K].
     scale_shift: residual blocks take the time embedding as ADM's scale and shift (ResBlock).
+    edge_padding: the input and output convolutions' padding, a key of EDGE_PADDINGS.
   """
 
   ch: int
@@ -132,6 +140,7 @@ class UNet(nn.Module):
   self_condition: bool = False
   presence_classes: int = 0
   scale_shift: bool = False
+  edge_padding: str = "zeros"
 
   def _check_input(self, x: jax.Array, t: jax.Array, cond: jax.Array | None) -> None:
     if x.ndim != 4:
@@ -181,7 +190,10 @@ class UNet(nn.Module):
     def maybe_attn(h, name):
       return AttnBlock(self.dtype, name=name)(h) if h.shape[1] in self.attn_resolutions else h
 
-    h = _conv(self.ch, self.dtype, "conv_in")(x)
+    if self.edge_padding not in EDGE_PADDINGS:
+      raise ValueError(f"UNet edge_padding must be one of {tuple(EDGE_PADDINGS)}, got {self.edge_padding!r}")
+    edge = EDGE_PADDINGS[self.edge_padding]
+    h = _conv(self.ch, self.dtype, "conv_in", padding=edge)(x)
     skips = [h]
     last = len(self.ch_mult) - 1
     for level, mult in enumerate(self.ch_mult):
@@ -207,13 +219,13 @@ class UNet(nn.Module):
         h = _conv(h.shape[-1], self.dtype, f"up{level}_upsample")(h)
 
     h = _group_norm("norm_out", act=True)(h)
-    h = _conv(self.out_channels, self.dtype, "conv_out", zero=True)(h)
+    h = _conv(self.out_channels, self.dtype, "conv_out", zero=True, padding=edge)(h)
     return h.astype(jnp.float32)
 
 
 def unet_from_config(model_cfg, out_channels: int, dtype: Any, *, self_condition: bool = False,
                      presence_classes: int = 0) -> UNet:
-  """UNet from `config.model` (ch, ch_mult, num_res_blocks, attn_resolutions, dropout, scale_shift).
+  """UNet from `config.model` (ch, ch_mult, num_res_blocks, attn_resolutions, dropout, scale_shift, edge_padding).
 
   `dtype` is the compute dtype, a name ("float32", "bfloat16") or a jnp dtype.
   """
@@ -231,4 +243,5 @@ def unet_from_config(model_cfg, out_channels: int, dtype: Any, *, self_condition
       self_condition=bool(self_condition),
       presence_classes=int(presence_classes),
       scale_shift=bool(model_cfg.scale_shift),
+      edge_padding=str(model_cfg.edge_padding),
   )

@@ -216,8 +216,9 @@ def _cpu(c) -> None:
   # x0 prediction (the paper's ablation) gives coherent pairs within ~1k CPU steps, where
   # eps prediction still drifts in colour.
   f.prediction = "x0"
-  # Reflected edges: with zero padding G drew a frame two pixels inside every image (at 1200 steps the
-  # step in brightness between rings 1 and 2 is 3.0 against the real images' 1.5; reflected: 1.8).
+  # Reflected edges at G's input and output: with zero padding G drew a frame two pixels inside every
+  # image (brightness step between pixel rings 1 and 2: 3.0 at 1200 steps, real patches 1.5; reflected
+  # 1.9). A fainter frame remains, strongest under guidance (RESULTS.md, benchmarks/edge_profile.py).
   f.model.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,), edge_padding="reflect")
   # Chosen on the demo's val split at equal CPU time (benchmarks/generator_levers.py, RESULTS.md):
   # a class-presence conditioned G whose loss weighs each class by its train share^-0.5 is the one

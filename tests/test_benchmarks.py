@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from benchmarks import common
@@ -95,3 +96,24 @@ def test_worker_runner_returns_the_result_line_or_names_the_failure():
   with pytest.raises(RuntimeError, match=r"worker failed \(2 devices, rc 3\): .*boom"):
     common.run_worker([sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(3)"],
                       dict(os.environ), "2 devices")
+
+
+def test_edge_profile_finds_a_drawn_frame_at_its_ring_and_none_in_flat_texture(tmp_path):
+  from benchmarks import edge_profile  # pylint: disable=g-import-not-at-top
+  from satsynth_jax.data import records  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  textured = rng.integers(90, 110, (6, 32, 32, 3)).astype(np.uint8)
+  framed = textured.copy()
+  framed[:, 2, 2:30] = framed[:, 29, 2:30] = framed[:, 2:30, 2] = framed[:, 2:30, 29] = 200  # ring 2
+  for name, images in (("real", textured), ("framed", framed)):
+    pairs = (records.Pair(image=im, mask=np.zeros((32, 32), np.uint8), id=f"p{i}", source="test", num_classes=2)
+             for i, im in enumerate(images))
+    records.write_records(tmp_path / name, pairs, num_classes=2, class_names=["a", "b"], source="test",
+                          examples_per_shard=8)
+  text = edge_profile.main([str(tmp_path / "real"), str(tmp_path / "framed"), "--rings=4"])
+  rows = {row[0]: [float(c) for c in row[2:]] for row in table_rows(text)[2:]}
+  real, framed_steps = rows[str(tmp_path / "real")], rows[str(tmp_path / "framed")]
+  assert max(real) < 3  # noise only: ring means of 20-level noise differ by about one level
+  assert framed_steps[1] > 50 and framed_steps[2] > 50  # the frame's ring steps up from ring 1 and down to 3
+  assert max(framed_steps[0], framed_steps[3]) < 3
+  np.testing.assert_array_equal(edge_profile.ring_index(4), [[0, 0, 0, 0], [0, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]])

@@ -53,7 +53,8 @@ def _group_norm(name: str, *, act: bool = False) -> layers.GroupNorm:
 
 # How the first and last convolutions see beyond the image's edge: "zeros" (the reference's) or
 # "reflect". Zeros read as mid-grey outside every pair, and a briefly trained G draws that as a frame
-# two pixels inside each image; reflecting the edge removes it at the cost of two pads.
+# two pixels inside each image; reflecting these two edges weakens it for two pads (the inner
+# convolutions' zero padding still draws a fainter one; benchmarks/edge_profile.py measures it).
 EDGE_PADDINGS = {"zeros": "SAME", "reflect": "REFLECT"}
 
 

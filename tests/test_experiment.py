@@ -254,19 +254,19 @@ def test_what_the_arms_need_binds_only_the_experiment(mode):
     config_check.validate(unconditioned, mode="experiment")
 
 
-def test_the_shipped_demo_trains_a_conditioned_class_weighted_g_and_reports_its_arm(tmp_path):
-  """The demo as shipped (presence-conditioned G with a class-weighted loss, the raw and conditioned
-  arms), shrunk: both sets are sampled from the one G, the conditioned one asked with the real train
-  pairs' classes under guidance 1, and the summary reports both arms and both sets' class shares."""
+def test_the_shipped_demo_trains_a_conditioned_class_weighted_g_and_reports_every_arm(tmp_path):
+  """The demo as shipped (presence-conditioned G with a class-weighted loss, the raw and curated arms),
+  shrunk, with the conditioned arm added: every set comes from the one G, the conditioned one asked with
+  the real train pairs' classes under guidance 1, and the summary reports each arm and set."""
   shipped = load_config("demo", shipped=True)
   assert (shipped.diffusion.condition, shipped.diffusion.class_weight_power, tuple(shipped.experiment.arms)) == (
-      "presence", 0.5, ("raw", "conditioned"))
-  shrunk = {**SHRUNK, "experiment.seeds": 1}
+      "presence", 0.5, ("raw", "curated"))
+  shrunk = {**SHRUNK, "experiment.seeds": 1, "experiment.arms": ("raw", "curated", "conditioned")}
   out = run_main("experiment", tmp_path, shrunk, shipped=True)
-  assert "curate" not in out
+  assert "curate D'" in out
   summary = (tmp_path / "report" / "summary.md").read_text()
   rows = tables(summary)["test"][1]
-  assert set(rows) == {"D", "D u D' (`diffusion_x0_presence`)",
+  assert set(rows) == {"D", "D u D' (`diffusion_x0_presence`)", "D u D'_curated (`diffusion_x0_presence_curated`)",
                        "D u D'_conditioned (`diffusion_x0_presence_real_w1`)"}
   g = json.loads((tmp_path / "checkpoints" / "diffusion_x0_presence" / "config.json").read_text())["shaping"]
   assert g["diffusion.class_weight_power"] == 0.5 and g["diffusion.condition"] == "presence"
@@ -275,4 +275,15 @@ def test_the_shipped_demo_trains_a_conditioned_class_weighted_g_and_reports_its_
   assert plan == {"presence": "real", "require_classes": [], "guidance": 1.0}
   quality = json.loads((tmp_path / "metrics" / "sample_quality_diffusion_x0_presence_real_w1.json").read_text())
   assert set(quality["presence_accuracy"]) <= set(shipped.data.class_names) and quality["class_tv"] is not None
-  assert "| `diffusion_x0_presence_real_w1` |" in summary
+  assert "| `diffusion_x0_presence_real_w1` |" in summary and "| `diffusion_x0_presence_curated` |" in summary
+
+
+def test_the_compile_clock_counts_overlapping_compiles_once(monkeypatch):
+  """Stage times report the wall time something compiled: a step compiled beside init counts once."""
+  from satsynth_jax.jobs import experiment
+  clock = experiment._CompileClock  # pylint: disable=protected-access
+  monkeypatch.setattr(clock, "_intervals", [(5.0, 8.0), (2.0, 4.0), (6.0, 7.0), (3.5, 9.0), (11.0, 12.0)])
+  # Intervals after 3.0: [3, 4] u [3.5, 9] u [11, 12] = 1 + 5 + 1 s; the sum of durations would say 11.
+  assert clock.seconds_since(3.0) == pytest.approx(7.0)
+  assert clock.seconds_since(9.5) == pytest.approx(1.0)  # and it forgets what ended before a stage began
+  assert clock._intervals == [(11.0, 12.0)]  # pylint: disable=protected-access

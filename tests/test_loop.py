@@ -253,6 +253,24 @@ def test_runs_with_equal_steps_trace_the_step_once(tmp_path, data):
   assert TRACES == [1.0, 0.5]  # another step value: traced anew
 
 
+BACKEND_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(  # listeners cannot be removed: one for the module
+    lambda event, seconds, **_: BACKEND_COMPILES.append(event) if event.endswith("backend_compile_duration") else None)
+
+
+def test_a_fresh_run_compiles_its_step_while_init_runs(data):
+  task, mesh = _partial_task(data, rate=0.25), parallel.make_mesh()  # a rate no other test compiles
+  step_fn = loop.compile_step(task, mesh)
+  batch = parallel.to_global(next(task.make_batches()), mesh)
+  state = loop.init_while_step_compiles(task, mesh, 0, step_fn, batch)
+  compiles = len(BACKEND_COMPILES)
+  with jax.set_mesh(mesh):
+    stepped, _ = step_fn(state, batch)
+  assert len(BACKEND_COMPILES) == compiles  # the loop's first call ran the program compiled beside init
+  plain, _ = jax.jit(task.step)(loop.init_state(task, mesh, 0), batch)
+  np.testing.assert_allclose(stepped.params["w"], plain.params["w"], rtol=1e-6)
+
+
 def test_shared_jit_keys_on_values():
   assert parallel.shared_jit(jnp.sin) is parallel.shared_jit(jnp.sin)
   mesh = parallel.make_mesh()

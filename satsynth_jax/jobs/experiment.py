@@ -267,9 +267,13 @@ STAGE_TIMES = "experiment_stage_seconds"  # metrics/<this>.json: wall and compil
 
 
 class _CompileClock:
-  """Seconds this process spent tracing, lowering and compiling XLA programs (jax.monitoring events)."""
+  """Wall seconds in which this process traced, lowered or compiled XLA programs (jax.monitoring events).
 
-  seconds = 0.0
+  A union of intervals, not a sum: the training loop compiles a step on another thread while its
+  init compiles and runs (train/loop.py), and that overlap is time the user does not wait twice.
+  """
+
+  _intervals: list[tuple[float, float]] = []
   _registered = False
 
   @classmethod
@@ -281,7 +285,18 @@ class _CompileClock:
   @classmethod
   def _on_event(cls, event: str, duration: float, **_) -> None:
     if event.startswith("/jax/core/compile/"):
-      cls.seconds += duration
+      end = time.monotonic()
+      cls._intervals.append((end - duration, end))
+
+  @classmethod
+  def seconds_since(cls, start: float) -> float:
+    """Wall seconds after `start` (time.monotonic) covered by at least one compile; forgets earlier ones."""
+    covered, reach = 0.0, start
+    for begin, end in sorted(cls._intervals):
+      covered += max(0.0, end - max(begin, reach))
+      reach = max(reach, end)
+    cls._intervals = [i for i in cls._intervals if i[1] > start]
+    return covered
 
 
 def _record_time(workdir, stage: str, seconds: float, compile_seconds: float) -> None:
@@ -302,9 +317,9 @@ def run(config, workdir) -> None:
       print(f"{prefix}: complete, skipped", flush=True)
       continue
     print(f"{prefix}: running", flush=True)
-    t0, compiled = time.time(), _CompileClock.seconds
+    t0, clock = time.time(), time.monotonic()
     stage.run()
-    seconds, compile_seconds = time.time() - t0, _CompileClock.seconds - compiled
+    seconds, compile_seconds = time.time() - t0, _CompileClock.seconds_since(clock)
     if is_writer:
       _record_time(workdir, stage.name, seconds, compile_seconds)
     print(f"{prefix}: done in {report.format_seconds(seconds)} (compiling {report.format_seconds(compile_seconds)})",

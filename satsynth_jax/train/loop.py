@@ -8,6 +8,7 @@ an optional `preview(state, step)` (e.g. a PNG grid of EMA samples) and an optio
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import os
@@ -133,16 +134,41 @@ def compile_step(task: Task, mesh: jax.sharding.Mesh):
 INIT_CPU_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
+def _jitted_init(task: Task, mesh: jax.sharding.Mesh):
+  options = INIT_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+  return parallel.shared_jit(task.init, out_shardings=parallel.replicated(mesh), compiler_options=options)
+
+
 def init_state(task: Task, mesh: jax.sharding.Mesh, seed: int) -> TrainState:
   """A fresh state, born replicated on `mesh`."""
-  options = INIT_CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-  return parallel.shared_jit(task.init, out_shardings=parallel.replicated(mesh), compiler_options=options)(
-      jax.random.key(seed))
+  return _jitted_init(task, mesh)(jax.random.key(seed))
+
+
+def init_while_step_compiles(task: Task, mesh: jax.sharding.Mesh, seed: int, step_fn, batch) -> TrainState:
+  """init_state, while another thread compiles `step_fn` for `batch` (XLA compiles outside the GIL).
+
+  Each compile runs on one core: on a 2-core CPU the init program's compile and run hide inside
+  the step's compile instead of preceding it (benchmarks/compile_time.py). The step's jitted
+  function keeps the executable, so the loop's first call runs it without compiling again.
+  """
+
+  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+  args = abstract_state(task, mesh, seed), jax.tree.map(spec, batch)  # traces init once, for both
+
+  def compile_the_step():
+    with jax.set_mesh(mesh):  # as the loop calls it: the same program
+      step_fn.lower(*args).compile()
+
+  with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{task.name}_compile") as pool:
+    compiled = pool.submit(compile_the_step)
+    state = init_state(task, mesh, seed)
+    compiled.result()  # re-raises the step's error, if any
+  return state
 
 
 def abstract_state(task: Task, mesh: jax.sharding.Mesh, seed: int):
   """Shapes, dtypes and shardings of the task's state, without computing it (for restoring)."""
-  return checkpoint.abstract_like(jax.eval_shape(task.init, jax.random.key(seed)), parallel.replicated(mesh))
+  return checkpoint.abstract_like(_jitted_init(task, mesh).eval_shape(jax.random.key(seed)), parallel.replicated(mesh))
 
 
 # The remedy when a finished run was trained under other settings (experiment stages check this first).
@@ -193,9 +219,11 @@ def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None =
       parallel.barrier(f"{task.name}_set_aside")
       mngr.reload()
     logging.info("%s: resumed from step %d (%s)", task.name, resumed_from, ckpt_dir)
-  else:
-    state = init_state(task, mesh, seed)
   step_fn = compile_step(task, mesh)
+  first_batch = None  # a fresh run reads its first batch early, to compile the step while init runs
+  if resumed_from is None:
+    first_batch = parallel.to_global(next(batches), mesh)
+    state = init_while_step_compiles(task, mesh, seed, step_fn, first_batch)
 
   start = int(state.step)
   # Logs past the restored step belong to a run that died before its next checkpoint: drop them.
@@ -205,7 +233,9 @@ def train(task: Task, t, workdir, *, seed: int, mesh: jax.sharding.Mesh | None =
   try:
     with jax.set_mesh(mesh), _StopRequest(start) as stop:
       for step in range(start + 1, t.num_steps + 1):
-        state, metrics = step_fn(state, parallel.to_global(next(batches), mesh))
+        batch = first_batch if first_batch is not None else parallel.to_global(next(batches), mesh)
+        first_batch = None
+        state, metrics = step_fn(state, batch)
         bar.update(1)
         stopping = stop.reached(step)
         last = step == t.num_steps or stopping

@@ -106,6 +106,9 @@ def curated_dir(config, workdir) -> pathlib.Path:
 
 # ---- segmenter runs ----
 
+BALANCED_FRACTION = 0.5  # the paper's batches, half real and half synthetic: run names say any other share
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmenterRun:
   """One trained segmenter with its own checkpoint folder `name`: an experiment arm (real only, R = 0, or
@@ -114,7 +117,8 @@ class SegmenterRun:
 
   Names: "<architecture>_r0_s<seed>" on real data, "<architecture>_r<R>_<synthetic set>_s<seed>" with
   synthetic pairs, so arms trained on different sets (x0 or one-hot generators, a curated set) live
-  side by side; "metric_encoder" for the metric network.
+  side by side; "_mix<percent>" before the seed when synthetic pairs fill another share of each batch
+  than the paper's half (data.synthetic_fraction); "metric_encoder" for the metric network.
   """
   name: str
   architecture: str
@@ -133,8 +137,10 @@ class SegmenterRun:
     architecture = config.segmentation.architecture
     if synthetic_ratio == 0:
       return cls(f"{architecture}_r0_s{seed}", architecture, 0, seed)
-    return cls(f"{architecture}_r{synthetic_ratio}_{synthetic_set}_s{seed}", architecture, synthetic_ratio, seed,
-               synthetic_set)
+    fraction = config.data.synthetic_fraction
+    mix = "" if fraction == BALANCED_FRACTION else f"_mix{100 * fraction:g}"
+    return cls(f"{architecture}_r{synthetic_ratio}_{synthetic_set}{mix}_s{seed}", architecture, synthetic_ratio,
+               seed, synthetic_set)
 
   @classmethod
   def metric_encoder(cls, config) -> "SegmenterRun":

@@ -140,11 +140,20 @@ class Evaluator:
                                      in_shardings=(replicated, self.sharded),
                                      out_shardings=(replicated, replicated, self.sharded))
 
+  def _batches(self):
+    return pipeline.segmentation_batches(self.config, self.record_dir, batch_size=self.batch_size,
+                                         seed=self.config.seed, train=False)
+
+  def compile(self, variables_shapes) -> None:
+    """Compile the eval step for variables of these shapes (ShapeDtypeStructs) and the split's batches."""
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+    batch = jax.tree.map(spec, parallel.to_global(next(iter(self._batches())), self.mesh))
+    self._step.lower(variables_shapes, batch).compile()
+
   def split(self, variables, num_preview: int = PREVIEW_EXAMPLES) -> SplitResult:
     """Confusion matrix of `variables` over every example of the split, plus a few for a preview."""
     # Opened per call (a manifest read): building an Evaluator touches no files, so a task can hold one unused.
-    batches = pipeline.segmentation_batches(self.config, self.record_dir, batch_size=self.batch_size,
-                                            seed=self.config.seed, train=False)
+    batches = self._batches()
     per_batch = []  # fetched after the loop, so reading the next batch overlaps the device's work
     shown: dict[str, list[np.ndarray]] = {"image": [], "mask": [], "pred": []}
     with jax.set_mesh(self.mesh):

@@ -232,10 +232,18 @@ def test_curated_set_filters_the_wrong_square_and_drops_bad_pairs(image_scored, 
   # the next run curates again, to the same set.
   os.remove(os.path.join(out_dir, records.MANIFEST))
   assert curate.curate_set(config, workdir, pool_dir, out_dir, run) == manifest
-  # Stricter settings into another folder: too few survive, and the error says which settings to relax.
+  # Stricter settings into another folder: 7 pass, so the most faithful dropped pair that keeps a labelled
+  # pixel fills the set (pair 1, wrong in one square, before pair 2, mostly wrong), and the log says so.
   config.curation.min_fidelity = 1.0
-  with pytest.raises(curate.CurationError, match=r"kept 7 of 10 .*curation.min_fidelity=1.0.*pool_factor"):
-    curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "strict"), run)
+  strict = curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "strict"), run)
+  assert strict["num_examples"] == 8 and strict["filled_below_min_fidelity"] == 1
+  assert strict["dropped_pairs_fidelity"] == 1 and strict["dropped_pairs_empty"] == 1
+  assert sorted(_by_id(layout.synthetic_dir(workdir, "strict"))) == sorted(curated)
+  assert "filled: 1 of the kept pairs are below min_fidelity" in capsys.readouterr().out
+  # A pixel filter that leaves no pixel: nothing can fill the set, and the error says which settings to relax.
+  monkeypatch.setattr(curate.curation, "class_thresholds", lambda moments, tolerance: np.full(np.shape(moments[0]), -np.inf))
+  with pytest.raises(curate.CurationError, match=r"kept 0 of 10 .*pixel_tolerance.*pool_factor > 2"):
+    curate.curate_set(config, workdir, pool_dir, layout.synthetic_dir(workdir, "empty"), run)
 
 
 def test_thresholds_and_weights_come_from_the_real_train_split_not_the_pool(image_scored):

@@ -253,9 +253,17 @@ def test_runs_with_equal_steps_trace_the_step_once(tmp_path, data):
   assert TRACES == [1.0, 0.5]  # another step value: traced anew
 
 
-BACKEND_COMPILES = []
-jax.monitoring.register_event_duration_secs_listener(  # listeners cannot be removed: one for the module
-    lambda event, seconds, **_: BACKEND_COMPILES.append(event) if event.endswith("backend_compile_duration") else None)
+BACKEND_COMPILES, LOWERINGS = [], []
+
+
+def _count_compiles(event, seconds, **_):
+  if event.endswith("backend_compile_duration"):
+    BACKEND_COMPILES.append(event)
+  if event.endswith("jaxpr_to_mlir_module_duration"):  # also where the persistent cache would then hit
+    LOWERINGS.append(event)
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)  # listeners cannot be removed: one per module
 
 
 def test_a_fresh_run_compiles_its_step_while_init_runs(data):
@@ -269,6 +277,35 @@ def test_a_fresh_run_compiles_its_step_while_init_runs(data):
   assert len(BACKEND_COMPILES) == compiles  # the loop's first call ran the program compiled beside init
   plain, _ = jax.jit(task.step)(loop.init_state(task, mesh, 0), batch)
   np.testing.assert_allclose(stepped.params["w"], plain.params["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("model", ["g", "segmenter"])
+def test_a_fresh_run_compiles_its_preview_or_evaluator_beside_its_step(tmp_path, model):
+  """task.warm_up runs while the step compiles: the first preview grid or val score compiles nothing."""
+  from conftest import TINY_G, TINY_SEGMENTER, load_config
+  from satsynth_jax.jobs import prepare
+  from satsynth_jax.train import diffusion, segmentation
+  mesh, workdir = parallel.make_mesh(), str(tmp_path)
+  if model == "g":  # sizes no other test compiles
+    config = load_config("demo", **TINY_G, **{"diffusion.train.sample_every": 1, "diffusion.train.num_grid_samples": 3})
+  else:
+    config = load_config("demo", **TINY_SEGMENTER, **{"segmentation.base_width": 8, "segmentation.eval_every": 1,
+                                                      "segmentation.eval_batch_size": 8})
+  prepare.run(config, workdir)
+  task = (diffusion.make_task(config, workdir, mesh) if model == "g" else
+          segmentation.make_task(config, workdir, mesh, resolved.SegmenterRun.from_config(config)))
+  step_fn = loop.compile_step(task, mesh)
+  batch = parallel.to_global(next(task.make_batches()), mesh)
+  state = loop.init_while_step_compiles(task, mesh, 0, step_fn, batch)
+  lowered = len(LOWERINGS)
+  with jax.set_mesh(mesh):
+    state, _ = step_fn(state, batch)
+    if model == "g":
+      task.preview(state, 1)
+      assert glob.glob(os.path.join(workdir, "samples", "*_step00000001.png"))
+    else:
+      assert 0.0 <= task.evaluate(state)["val_miou"] <= 1.0
+  assert len(LOWERINGS) == lowered
 
 
 def test_shared_jit_keys_on_values():

@@ -75,11 +75,15 @@ def copy_data(workdir, tmp_path) -> str:
   return str(tmp_path)
 
 
-def test_run_names_separate_architectures_ratios_and_seeds():
+def test_run_names_separate_architectures_ratios_mixes_and_seeds():
   assert resolved.SegmenterRun.from_config(load_config("demo")).name == "fpn_r0_s0"
   run = resolved.SegmenterRun.from_config(load_config("demo", **{"segmentation.architecture": "unet",
                                                           "data.synthetic_ratio": 3, "seed": 2}))
   assert run == resolved.SegmenterRun("unet_r3_diffusion_x0_s2", "unet", 3, 2, "diffusion_x0")
+  # Another synthetic share of each batch is another run in the same workdir, not a refused one.
+  name = lambda **kw: resolved.SegmenterRun.from_config(load_config("demo", **kw)).name  # noqa: E731
+  assert name(**{"data.synthetic_ratio": 2, "data.synthetic_fraction": 0.25}) == "fpn_r2_diffusion_x0_mix25_s0"
+  assert name(**{"data.synthetic_fraction": 0.25}) == "fpn_r0_s0"  # D has no synthetic share
 
 
 def _model_and_state(config, rng=0):

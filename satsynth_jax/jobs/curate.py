@@ -20,6 +20,10 @@ candidate at its own input size (resolved.segmenter_size):
                 classes the pair holds (before any pixel is filtered). A pair's dominant class
                 (field, background) cannot hide a class drawn wrong. Pairs below
                 curation.min_fidelity are dropped whole, and so are pairs with no labelled pixel left.
+                When fewer than R x |D| pairs pass (a scorer trained on few scenes agrees with few
+                generated pairs, e.g. LoveDA at 32 px), the most faithful of the dropped pairs that
+                keep a labelled pixel fill the set, and the log and manifest count them
+                ("filled_below_min_fidelity"); only when even those are too few does the job stop.
   selection     exactly R x |D| of the remaining pairs, without replacement, deterministic for
                 `seed`: "uniform" (the ablation), or "hard_rare", with probability proportional to
                   score(pair) = sum_c w_c x kept_c(pair) / kept(pair),
@@ -107,8 +111,8 @@ def _too_few(config, survivors: int, needed: int, pool: int, dropped_fidelity: i
   u = config.curation
   return (f"curation kept {survivors} of {pool} pool pairs ({dropped_fidelity} below "
           f"curation.min_fidelity={u.min_fidelity}, {dropped_empty} without labelled pixels) but needs "
-          f"sample.per_real x |D| = {needed}; lower curation.min_fidelity, raise curation.pixel_tolerance, "
-          f"or sample a larger pool (curation.pool_factor={u.pool_factor})")
+          f"sample.per_real x |D| = {needed}, and too few of the others keep a labelled pixel to fill it; raise "
+          f"curation.pixel_tolerance, or sample a larger pool (curation.pool_factor > {u.pool_factor})")
 
 
 def curate_set(config, workdir, pool_dir, out_dir, scorer: resolved.SegmenterRun) -> dict:
@@ -150,11 +154,15 @@ def curate_set(config, workdir, pool_dir, out_dir, scorer: resolved.SegmenterRun
   unlabelled = np.isnan(fidelity)
   low = ~unlabelled & (fidelity < u.min_fidelity)
   kept_class_pixels, keeps, pool_labelled, pool_ignored = curation.pool_filter(
-      scored(pool_dir), num_pool, d.num_classes, d.ignore_index, thresholds, ~(unlabelled | low))
-  empty = ~low & (kept_class_pixels.sum(axis=1) == 0)  # unlabelled, or nothing left after the filter
-  candidates = np.flatnonzero(~low & ~empty)
-  if len(candidates) < needed:
+      scored(pool_dir), num_pool, d.num_classes, d.ignore_index, thresholds, ~unlabelled)
+  labelled_left = kept_class_pixels.sum(axis=1) > 0  # false: unlabelled, or nothing left after the filter
+  empty = ~low & ~labelled_left
+  candidates = np.flatnonzero(~low & labelled_left)
+  below = np.flatnonzero(low & labelled_left)
+  filled = below[np.argsort(-fidelity[below], kind="stable")][:max(needed - len(candidates), 0)]
+  if len(candidates) + len(filled) < needed:
     raise CurationError(_too_few(config, len(candidates), needed, num_pool, int(low.sum()), int(empty.sum())))
+  candidates = np.sort(np.concatenate([candidates, filled]))
 
   weights = scores = None
   if u.selection == "hard_rare":
@@ -166,8 +174,8 @@ def curate_set(config, workdir, pool_dir, out_dir, scorer: resolved.SegmenterRun
     manifest = _write(config, pool_dir, out_dir, chosen, keeps, {
         "curated_from": os.fspath(pool_dir), "pool_size": num_pool, "scorer": scorer_name,
         "selection": u.selection, "pixel_tolerance": u.pixel_tolerance, "min_fidelity": u.min_fidelity,
-        "dropped_pairs_fidelity": int(low.sum()), "dropped_pairs_empty": int(empty.sum()),
-        "survivors": len(candidates),
+        "dropped_pairs_fidelity": int(low.sum() - len(filled)), "dropped_pairs_empty": int(empty.sum()),
+        "filled_below_min_fidelity": len(filled), "survivors": len(candidates),
         "pool_labelled_pixels": pool_labelled, "pool_ignored_pixels": pool_ignored,
         "pool_ignored_fraction": pool_ignored / max(pool_labelled, 1),
         "class_thresholds": [None if np.isinf(t) else float(t) for t in thresholds],
@@ -221,6 +229,8 @@ def _report(config, workdir, real: dict, pool: dict, curated: dict) -> None:
         f"by {curated['scorer']}\n"
         f"  dropped pairs: {curated['dropped_pairs_fidelity']} below min_fidelity {curated['min_fidelity']}, "
         f"{curated['dropped_pairs_empty']} without labelled pixels\n"
+        + (f"  filled: {curated['filled_below_min_fidelity']} of the kept pairs are below min_fidelity (too few "
+           f"passed; the most faithful of the rest)\n" if curated["filled_below_min_fidelity"] else "") +
         f"  ignored pixels: {100 * curated['pool_ignored_fraction']:.2f}% of the pool's labelled pixels, "
         f"{100 * curated['ignored_fraction']:.2f}% of the kept pairs'\n"
         f"  kept class pixels: {shares}", flush=True)

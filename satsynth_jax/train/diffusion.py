@@ -74,7 +74,10 @@ def _preview(config, model, mesh, workdir):
                           layout.samples_path(workdir, f"{name}_step{step:08d}.png"))
       logging.info("wrote %s", path)
 
-  return preview
+  def compile_sampler(state_shapes) -> None:
+    generate.lower(state_shapes.eval_params, jax.random.key(config.seed)).compile()
+
+  return preview, compile_sampler
 
 
 def class_weights(config, class_pixels) -> np.ndarray | None:
@@ -121,16 +124,19 @@ def make_task(config, workdir, mesh) -> loop.Task:
 def diffusion_task(config, workdir, mesh, *, section: str, name: str, model: UNet, size: int, batches, preview,
                    shaping, conditional: bool = False) -> loop.Task:
   """The loop's task for a diffusion U-Net trained with config.<section>.train (G's or G_SR's): `batches(batch)`
-  gives the per-process batch iterator, `preview(config, model, mesh, workdir)` the grid writer, `shaping(config,
-  workdir)` the run's identity; `conditional` adds G_SR's condition input."""
+  gives the per-process batch iterator, `preview(config, model, mesh, workdir)` the grid writer and the
+  function compiling its sampler, `shaping(config, workdir)` the run's identity; `conditional` adds G_SR's
+  condition input."""
   t = config[section].train
   batch = parallel.per_process_batch_size(t.batch_size, f"{section}.train.batch_size", mesh)
+  grid, compile_sampler = preview(config, model, mesh, workdir) if t.sample_every else (None, None)
   return loop.Task(
       name=name,
       init=functools.partial(init_state, model, size, generator.joint_channels(config), t, conditional=conditional),
       step=step_fn(config, model, t),
       make_batches=functools.partial(batches, batch),
-      preview=preview(config, model, mesh, workdir) if t.sample_every else None,
+      preview=grid,
+      warm_up=compile_sampler,
       config=config,
       shaping=functools.partial(shaping, config, workdir),
   )

@@ -46,6 +46,9 @@ class Task:
   # Run on every process at steps that are multiples of eval_every (0: never); only logged.
   evaluate: Callable[[TrainState], dict[str, float]] | None = None
   eval_every: int = 0
+  # Compiles the programs `preview` and `evaluate` will run, for a state of the given shapes
+  # (ShapeDtypeStructs); a fresh run calls it while its step compiles (init_while_step_compiles).
+  warm_up: Callable[[Any], None] | None = None
   # The run's identity (infra/identity.py): the resolved config and the settings that shape the run,
   # recorded beside its checkpoints; resuming under other shaping settings is refused. A function,
   # called when training starts: the shaping names the prepared data, which a task built only to
@@ -145,11 +148,12 @@ def init_state(task: Task, mesh: jax.sharding.Mesh, seed: int) -> TrainState:
 
 
 def init_while_step_compiles(task: Task, mesh: jax.sharding.Mesh, seed: int, step_fn, batch) -> TrainState:
-  """init_state, while another thread compiles `step_fn` for `batch` (XLA compiles outside the GIL).
+  """init_state and task.warm_up, while another thread compiles `step_fn` for `batch`.
 
-  Each compile runs on one core: on a 2-core CPU the init program's compile and run hide inside
-  the step's compile instead of preceding it (benchmarks/compile_time.py). The step's jitted
-  function keeps the executable, so the loop's first call runs it without compiling again.
+  XLA compiles outside the GIL and keeps about one and a half of a 2-core CPU busy per program, so
+  the init program's compile and run, and the preview's or evaluator's compile, hide inside the
+  step's compile instead of adding to it (benchmarks/run_start.py). Each jitted function keeps its
+  executable: the loop's first calls run them without compiling again.
   """
 
   spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
@@ -162,6 +166,9 @@ def init_while_step_compiles(task: Task, mesh: jax.sharding.Mesh, seed: int, ste
   with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{task.name}_compile") as pool:
     compiled = pool.submit(compile_the_step)
     state = init_state(task, mesh, seed)
+    if task.warm_up is not None:
+      with jax.set_mesh(mesh):
+        task.warm_up(args[0])
     compiled.result()  # re-raises the step's error, if any
   return state
 

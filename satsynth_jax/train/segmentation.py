@@ -183,6 +183,7 @@ def make_task(config, workdir, mesh, run: resolved.SegmenterRun, synthetic_dir=N
           synthetic_fraction=config.data.synthetic_fraction, synthetic_count=synthetic_count)),
       evaluate=functools.partial(val_scores, evaluator) if evaluator else None,
       eval_every=every,
+      warm_up=(lambda shapes: evaluator.compile(checkpoint.inference_variables(shapes))) if evaluator else None,
       config=config,
       shaping=functools.partial(segmenter.shaping, config, run, synthetic_identity, workdir),
   )

@@ -73,7 +73,10 @@ def _preview(config, model, mesh, workdir):
     path = viz.save_png(grid, layout.samples_path(workdir, f"{name}_step{step:08d}.png"))
     logging.info("wrote %s", path)
 
-  return preview
+  def compile_sampler(state_shapes) -> None:
+    upsample.lower(state_shapes.eval_params, jax.random.key(config.seed), low).compile()
+
+  return preview, compile_sampler
 
 
 def make_task(config, workdir, mesh) -> loop.Task:

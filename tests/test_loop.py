@@ -253,28 +253,25 @@ def test_runs_with_equal_steps_trace_the_step_once(tmp_path, data):
   assert TRACES == [1.0, 0.5]  # another step value: traced anew
 
 
-BACKEND_COMPILES, LOWERINGS = [], []
+LOWERINGS = []  # a first call lowers its program (then compiles it, or finds it in the persistent cache)
+jax.monitoring.register_event_duration_secs_listener(  # listeners cannot be removed: one for the module
+    lambda event, seconds, **_: LOWERINGS.append(event) if event.endswith("jaxpr_to_mlir_module_duration") else None)
 
 
-def _count_compiles(event, seconds, **_):
-  if event.endswith("backend_compile_duration"):
-    BACKEND_COMPILES.append(event)
-  if event.endswith("jaxpr_to_mlir_module_duration"):  # also where the persistent cache would then hit
-    LOWERINGS.append(event)
-
-
-jax.monitoring.register_event_duration_secs_listener(_count_compiles)  # listeners cannot be removed: one per module
+def _fresh_start(task, mesh):
+  """(jitted step, first batch, state) as loop.train starts a fresh run: the step compiled beside init."""
+  step_fn = loop.compile_step(task, mesh)
+  batch = parallel.to_global(next(task.make_batches()), mesh)
+  return step_fn, batch, loop.init_while_step_compiles(task, mesh, 0, step_fn, batch)
 
 
 def test_a_fresh_run_compiles_its_step_while_init_runs(data):
   task, mesh = _partial_task(data, rate=0.25), parallel.make_mesh()  # a rate no other test compiles
-  step_fn = loop.compile_step(task, mesh)
-  batch = parallel.to_global(next(task.make_batches()), mesh)
-  state = loop.init_while_step_compiles(task, mesh, 0, step_fn, batch)
-  compiles = len(BACKEND_COMPILES)
+  step_fn, batch, state = _fresh_start(task, mesh)
+  lowered = len(LOWERINGS)
   with jax.set_mesh(mesh):
     stepped, _ = step_fn(state, batch)
-  assert len(BACKEND_COMPILES) == compiles  # the loop's first call ran the program compiled beside init
+  assert len(LOWERINGS) == lowered  # the loop's first call ran the program compiled beside init
   plain, _ = jax.jit(task.step)(loop.init_state(task, mesh, 0), batch)
   np.testing.assert_allclose(stepped.params["w"], plain.params["w"], rtol=1e-6)
 
@@ -294,9 +291,7 @@ def test_a_fresh_run_compiles_its_preview_or_evaluator_beside_its_step(tmp_path,
   prepare.run(config, workdir)
   task = (diffusion.make_task(config, workdir, mesh) if model == "g" else
           segmentation.make_task(config, workdir, mesh, resolved.SegmenterRun.from_config(config)))
-  step_fn = loop.compile_step(task, mesh)
-  batch = parallel.to_global(next(task.make_batches()), mesh)
-  state = loop.init_while_step_compiles(task, mesh, 0, step_fn, batch)
+  step_fn, batch, state = _fresh_start(task, mesh)
   lowered = len(LOWERINGS)
   with jax.set_mesh(mesh):
     state, _ = step_fn(state, batch)

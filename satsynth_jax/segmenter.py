@@ -146,8 +146,7 @@ class Evaluator:
 
   def compile(self, variables_shapes) -> None:
     """Compile the eval step for variables of these shapes (ShapeDtypeStructs) and the split's batches."""
-    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-    batch = jax.tree.map(spec, parallel.to_global(next(iter(self._batches())), self.mesh))
+    batch = checkpoint.abstract_like(parallel.to_global(next(iter(self._batches())), self.mesh))
     self._step.lower(variables_shapes, batch).compile()
 
   def split(self, variables, num_preview: int = PREVIEW_EXAMPLES) -> SplitResult:

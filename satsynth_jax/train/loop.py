@@ -155,9 +155,7 @@ def init_while_step_compiles(task: Task, mesh: jax.sharding.Mesh, seed: int, ste
   step's compile instead of adding to it (benchmarks/run_start.py). Each jitted function keeps its
   executable: the loop's first calls run them without compiling again.
   """
-
-  spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-  args = abstract_state(task, mesh, seed), jax.tree.map(spec, batch)  # traces init once, for both
+  args = abstract_state(task, mesh, seed), checkpoint.abstract_like(batch)  # traces init once, for both
 
   def compile_the_step():
     with jax.set_mesh(mesh):  # as the loop calls it: the same program
